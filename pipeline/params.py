@@ -1,0 +1,207 @@
+"""The one typed schema of `params.yaml`, validated when it is loaded.
+
+Every stage calls `load()` and reads its own section. A wrong key or value stops the run with a message that
+names the file, the key and what is allowed, before any work is done.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Data(Section):
+    source: Literal["elpv", "folder", "kaggle", "csv"] = "elpv"
+    path: Optional[str] = None
+    elpv_threshold: float = Field(0.5, gt=0, le=1)
+    existing_split: Literal["honour", "pool"] = "pool"
+    limit_per_class: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source != "elpv" and not self.path:
+            raise ValueError(f"data.path is required for source '{self.source}'")
+        return self
+
+
+class Split(Section):
+    ratios: tuple[float, float, float] = (0.70, 0.25, 0.05)
+    counts: Optional[tuple[int, int, int]] = None
+    folds: int = Field(5, ge=0)
+    stratify: list[str] = []
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        if any(r < 0 for r in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError(f"train/val/test ratios must be >= 0 and sum to 1, got {list(v)} (sum {sum(v):.4g})")
+        if v[0] == 0:
+            raise ValueError("the train ratio must be > 0")
+        return v
+
+    @field_validator("counts")
+    @classmethod
+    def _counts(cls, v):
+        if v is not None and (any(c < 0 for c in v) or v[0] == 0):
+            raise ValueError(f"train/val/test counts must be >= 0 with train > 0, got {list(v)}")
+        return v
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v):
+        if v == 1:
+            raise ValueError("folds must be 0 (none) or at least 2")
+        return v
+
+
+class Validate(Section):
+    on_undecodable: Literal["skip", "fail"] = "skip"
+    min_side: int = Field(32, ge=1)
+    class_share: tuple[float, float] = (0.05, 0.95)
+    duplicates: Literal["report", "fail"] = "report"
+
+
+class Cache(Section):
+    image_size: int = Field(224, ge=8, le=1024)
+    workers: int = Field(0, ge=0)
+
+
+class Backbone(Section):
+    name: Literal["efficientnet_lite0", "vgg16", "small_cnn"] = "efficientnet_lite0"
+    weights: str = "default"
+    cut_layer: Optional[str] = None
+
+
+class Extract(Section):
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class Head(Section):
+    hidden: int = Field(256, ge=0)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(8, ge=1)
+    class_weight: Literal["balanced", "none"] = "balanced"
+
+
+class Augment(Section):
+    rotation: float = Field(20, ge=0, le=180)
+    width_shift: float = Field(0.1, ge=0, lt=1)
+    height_shift: float = Field(0.1, ge=0, lt=1)
+    shear: float = Field(0.1, ge=0, lt=1.5)
+    zoom: float = Field(0.1, ge=0, lt=1)
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+
+
+class Finetune(Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    unfreeze_from: Optional[str] = None
+    mixed_precision: bool = False
+    steps_per_epoch: Optional[int] = Field(None, ge=1)
+    augment: Augment = Augment()
+
+
+class Bagging(Section):
+    members: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
+    sample_fraction: float = Field(1.0, gt=0, le=1)
+
+
+class Kfold(Section):
+    folds: list[int] = [0, 1, 2, 3, 4]
+    epochs: int = Field(40, ge=1)
+
+
+class Gate(Section):
+    min_accuracy: float = Field(0.85, ge=0, le=1)
+    min_roc_auc: float = Field(0.90, ge=0, le=1)
+
+
+class Evaluate(Section):
+    models: list[Literal["head", "finetune", "bagging"]] = ["head", "finetune", "bagging"]
+    gate: Gate = Gate()
+
+
+class Tracking(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "transfer-learning"
+    register_as: str = "image-classifier"
+
+
+class Schedule(Section):
+    cron: str = "0 3 * * 1"
+    gpu_slots: int = Field(1, ge=1)
+    retries: int = Field(2, ge=0)
+
+
+class Params(Section):
+    seed: int = 42
+    data: Data = Data()
+    split: Split = Split()
+    validate_: Validate = Field(Validate(), alias="validate")
+    cache: Cache = Cache()
+    backbone: Backbone = Backbone()
+    extract: Extract = Extract()
+    head: Head = Head()
+    finetune: Finetune = Finetune()
+    bagging: Bagging = Bagging()
+    kfold: Kfold = Kfold()
+    evaluate: Evaluate = Evaluate()
+    tracking: Tracking = Tracking()
+    schedule: Schedule = Schedule()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _folds_exist(self):
+        bad = [f for f in self.kfold.folds if not 0 <= f < self.split.folds]
+        if bad:
+            raise ValueError(f"kfold.folds {bad} do not exist: split.folds is {self.split.folds}, so folds are 0..{self.split.folds - 1}")
+        return self
+
+    def section(self, name: str):
+        return getattr(self, "validate_" if name == "validate" else name)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+def parse(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            lines.append(f"  {key}: {msg}")
+        raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines) + f"\nFix these keys in {source}.") from None
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run from the project root, or pass the params file's path")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return parse(raw, str(path))

@@ -1,0 +1,16 @@
+"""Where each stage reads and writes. dvc.yaml declares the same paths (tests/test_dvc.py checks they agree)."""
+from pathlib import Path
+
+DATA = Path("data")
+SPLIT_TABLE = DATA / "split.csv"
+SPLIT_SUMMARY = DATA / "split_summary.json"
+VALIDATE_DIR = DATA / "validate"
+VALIDATE_REPORT = VALIDATE_DIR / "report.json"
+VALIDATE_SUMMARY = VALIDATE_DIR / "summary.md"
+CACHE_DIR = DATA / "cache"
+FEATURES_DIR = DATA / "features"
+PREDICTIONS_DIR = DATA / "predictions"
+MODELS = Path("models")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+SPLITS = ("train", "val", "test")

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str = ""):
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
@@ -24,6 +28,7 @@ def atomic_path(target: str | Path, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,263 @@
+"""Helpers shared by the project's two DAGs (`pipeline_dag.py`, `retrain_dag.py`); not a DAG itself.
+
+`.airflowignore` keeps the DAG processor from parsing this file as a DAG; the DAG files import it by name
+because Airflow puts the DAG folder on `sys.path`.
+
+Kept light on purpose: a DAG file is parsed again and again by the DAG processor, so nothing here imports
+TensorFlow, Keras, great_expectations, MLflow or DVC. Only the standard library and PyYAML, plus the Airflow SDK
+inside `stage_tasks`. Heavy work happens in the stage subprocesses (`dvc repro --single-item <stage>`), each
+in the project directory with the project's virtualenv first on PATH.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+SOURCE_HASH_FILE = Path("data") / "source_hash.txt"
+START_DATE = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+# Stages that need an accelerator: they queue on the `gpu` pool, whose slots (`schedule.gpu_slots`) are how many
+# of them may run at once. `bin/ui-airflow` creates the pool: `airflow pools set gpu <slots> "<description>"`.
+GPU_POOL = "gpu"
+GPU_STAGES = frozenset({"extract", "finetune", "bagging"})
+GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, finetune, bagging); slots = params.yaml schedule.gpu_slots"
+
+SCHEDULE_DEFAULTS = {"cron": "0 3 * * 1", "gpu_slots": 1, "retries": 2}
+
+
+def load_params(root: Path = PROJECT) -> dict:
+    """params.yaml as a plain dict (validation is the stages' job, through pipeline.params)."""
+    path = root / "params.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    return raw if isinstance(raw, dict) else {}
+
+
+def schedule(params: dict) -> dict:
+    return {**SCHEDULE_DEFAULTS, **(params.get("schedule") or {})}
+
+
+def default_args(params: dict) -> dict:
+    """Retries with exponential backoff: 1 min, 2 min, 4 min, ... capped at 30 min."""
+    return {
+        "retries": int(schedule(params)["retries"]),
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": 2.0,  # Airflow 3: a multiplier (0 = constant delay), not a bool
+        "max_retry_delay": timedelta(minutes=30),
+    }
+
+
+def venv_bin(root: Path = PROJECT) -> Path:
+    """The project's virtualenv `bin` (`.venv/bin`), else the one of the interpreter running Airflow."""
+    candidate = root / ".venv" / "bin"
+    return candidate if (candidate / "python").exists() else Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------------- dvc.yaml
+
+def _paths(entries) -> list[str]:
+    """dvc.yaml outs/deps/metrics entries (a string or a one-key mapping of path -> options) as paths."""
+    out = []
+    for entry in entries or []:
+        out += list(entry) if isinstance(entry, dict) else [entry]
+    return [str(p).rstrip("/") for p in out]
+
+
+def _lookup(params: dict, dotted: str):
+    value = params
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, dict]:
+    """The stages of dvc.yaml in file order: {name: {"items", "item_outs", "outs", "upstream"}}.
+
+    `items` is the list a `foreach` stage expands over (resolved from params.yaml) or None, `item_outs` maps each
+    item (None for a plain stage) to its output paths; `upstream` holds the
+    stages whose outputs this stage's deps name (the same rule DVC uses), minus edges implied by longer paths.
+    """
+    params = load_params(root) if params is None else params
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    graph: dict[str, dict] = {}
+    for name, spec in stages.items():
+        items = None
+        if "foreach" in spec:
+            ref = spec["foreach"]
+            match = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", ref) if isinstance(ref, str) else None
+            items = list(_lookup(params, match.group(1)) if match else ref)
+            spec = spec["do"]
+        outs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
+        deps = _paths(spec.get("deps"))
+        by_item = {i: [p.replace("${item}", str(i)) for p in outs] for i in (items if items is not None else [None])}
+        graph[name] = {"items": items, "item_outs": by_item, "outs": [p for ps in by_item.values() for p in ps],
+                       "deps": [p.replace("${item}", str(i)) for p in deps for i in (items or [None])]}
+
+    def feeds(out: str, dep: str) -> bool:
+        return out == dep or out.startswith(dep + "/") or dep.startswith(out + "/")
+
+    direct = {name: [up for up in graph if up != name and any(feeds(o, d) for o in graph[up]["outs"]
+                                                                for d in graph[name]["deps"])]
+              for name in graph}
+
+    def reaches(src: str, dst: str, skip_direct: bool) -> bool:
+        todo = [u for u in direct[dst] if not (skip_direct and u == src)]
+        seen = set()
+        while todo:
+            up = todo.pop()
+            if up == src:
+                return True
+            if up not in seen:
+                seen.add(up)
+                todo += direct[up]
+        return False
+
+    for name, info in graph.items():
+        info["upstream"] = [up for up in direct[name] if not reaches(up, name, skip_direct=True)]
+        del info["deps"]
+    return graph
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+
+def in_project(command: str, outs: list[str], root: Path = PROJECT) -> str:
+    """`command` in the project directory with the virtualenv first on PATH; on success the last stdout line,
+    the task's XCom, is the JSON list of files the command owns (tasks pass paths, never data)."""
+    return (f"export PATH={shlex.quote(str(venv_bin(root)))}:\"$PATH\" && cd {shlex.quote(str(root))} && "
+            f"{command} && echo {shlex.quote(json.dumps(outs))}")
+
+
+def stage_command(target: str, outs: list[str], root: Path = PROJECT, force: bool = False) -> str:
+    """Run one DVC stage (or foreach instance, `bagging@0`) alone; `--wait-for-lock` because parallel tasks
+    share the repository lock for a moment at start and end (DVC releases it while the stage's command runs)."""
+    return in_project(f"dvc --wait-for-lock repro --single-item {'--force ' if force else ''}{shlex.quote(target)}",
+                      outs, root)
+
+
+STAGE_ENV = {
+    # One MLflow parent run per Airflow run: pipeline.tracking reads this; a retried task replaces its nested run.
+    "PIPELINE_RUN_ID": "{{ run_id }}",
+    "PYTHONUNBUFFERED": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def bash_kwargs(root: Path = PROJECT) -> dict:
+    """Common BashOperator settings: the worker's environment (MLFLOW_TRACKING_URI included, when set) plus STAGE_ENV."""
+    return {"env": dict(STAGE_ENV), "append_env": True, "cwd": str(root), "skip_on_exit_code": None,
+            "output_processor": json.loads}
+
+
+def stage_tasks(root: Path = PROJECT, params: dict | None = None, force: frozenset[str] = frozenset()) -> tuple[list, list]:
+    """Create one task per dvc.yaml stage (foreach stages as mapped tasks) in the current DAG, wired like DVC's
+    graph. `force` names stages run with `--force` (a stage whose real input DVC does not track). Returns the
+    (first, last) tasks, for the caller to attach upstream/downstream work.
+    """
+    from airflow.sdk import task
+
+    graph = stage_graph(root, params)
+    tasks = {}
+    for name, info in graph.items():
+        extra = {"pool": GPU_POOL} if name in GPU_STAGES else {}
+        below_mapped = any(graph[up]["items"] is not None for up in info["upstream"])
+        if below_mapped:  # an empty foreach list skips its mapped task; that must not skip what follows
+            extra["trigger_rule"] = "none_failed"
+        doc = f"`dvc repro --single-item {name}` in {root.name}/; outputs: {', '.join(info['outs']) or '-'}"
+        if info["items"] is None:
+            def command(cmd=stage_command(name, info["outs"], root, force=name in force)):
+                return cmd
+
+            tasks[name] = task.bash(task_id=name, doc_md=doc, **bash_kwargs(root), **extra)(command)()
+        else:
+            def command(item, name=name, by_item=info["item_outs"]):
+                return stage_command(f"{name}@{item}", by_item.get(item, []), root, force=name in force)
+
+            mapped = task.bash(task_id=name, doc_md=doc, map_index_template=f"{name}@{{{{ task.op_kwargs['item'] }}}}",
+                               **bash_kwargs(root), **extra)(command)
+            tasks[name] = mapped.expand(item=info["items"])
+    for name, info in graph.items():
+        for up in info["upstream"]:
+            tasks[up] >> tasks[name]
+    downstream = {up for info in graph.values() for up in info["upstream"]}
+    first = [tasks[n] for n, info in graph.items() if not info["upstream"]]
+    last = [tasks[n] for n in graph if n not in downstream]
+    return first, last
+
+
+# ---------------------------------------------------------------------------------------------------- data hash
+
+def data_source(params: dict, root: Path = PROJECT) -> Path:
+    """The folder (or CSV manifest) the split stage reads: `data.path`, or the installed ELPV package's data."""
+    data = params.get("data") or {}
+    if data.get("source", "elpv") == "elpv":
+        import importlib.util
+
+        spec = importlib.util.find_spec("elpv_dataset")  # locates the package without importing it
+        if spec is None or not spec.origin:
+            raise FileNotFoundError("the elpv-dataset package is not installed: run `make setup`")
+        return Path(spec.origin).parent / "data"
+    if not data.get("path"):
+        raise FileNotFoundError(f"data.path is not set in params.yaml (data.source: {data.get('source')})")
+    path = Path(data["path"]).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(source: Path) -> str:
+    """SHA-256 over (relative path, content hash) of every non-hidden file: renames, edits, additions and
+    removals all change it; timestamps do not. A CSV manifest hashes itself plus the files it lists."""
+    if source.is_file():
+        base = source.resolve().parent
+        with open(source, newline="") as f:
+            listed = [row["path"] for row in csv.DictReader(f) if row.get("path")]
+        files = [(source.name, source)] + [(p, (base / p).resolve()) for p in sorted(set(listed))]
+    elif source.is_dir():
+        files = []
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [(os.path.relpath(os.path.join(dirpath, f), source), Path(dirpath, f))
+                      for f in filenames if not f.startswith(".")]
+        files.sort()
+    else:
+        raise FileNotFoundError(f"data source '{source}' not found: check data.path in params.yaml")
+    total = hashlib.sha256()
+    for rel, path in files:
+        total.update(f"{Path(rel).as_posix()}\0{_file_digest(path)}\n".encode())
+    return total.hexdigest()
+
+
+def recorded_hash(root: Path = PROJECT) -> str | None:
+    path = root / SOURCE_HASH_FILE
+    return path.read_text().split()[0] if path.exists() and path.read_text().strip() else None
+
+
+def record_hash(value: str, root: Path = PROJECT) -> Path:
+    """Write the state file atomically (temp file beside it, then rename)."""
+    target = root / SOURCE_HASH_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

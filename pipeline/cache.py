@@ -1,0 +1,93 @@
+"""Cache stage: decode every image once, as RGB at `cache.image_size`, into one uint8 array per split.
+
+Later stages read these memory-mappable `.npy` files and never decode JPEG/PNG again (the seeds'
+ImageDataGenerator decoded every image every epoch). Row i of `{split}_x.npy` is the i-th row of that split in
+`data/split.csv`, less the files the validate stage skipped; `index.csv` records the mapping.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from pipeline import io, params, paths
+
+HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and float."""
+    if im.mode in HIGH_BIT_MODES:
+        a = np.asarray(im, dtype=np.float32)
+        scale = 257.0 if a.max(initial=0) > 255 else 1.0  # 16-bit range down to 8-bit
+        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str, size: int) -> np.ndarray:
+    """Decode one image file to a (size, size, 3) uint8 array; EXIF orientation applied, squashed to a square."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # let the JPEG decoder downscale by 2/4/8 when the image is much larger
+        im = ImageOps.exif_transpose(im)
+        im = to_rgb(im)
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _load(path: str, size: int) -> np.ndarray:
+    try:
+        return load_rgb(path, size)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise RuntimeError(f"cannot decode {path}: {e}. The validate stage should have flagged it: "
+                           "rerun `dvc repro validate`") from e
+
+
+def cache_split(files: list[str], size: int, workers: int, desc: str) -> np.ndarray:
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    if not files:
+        return out
+    with ProcessPoolExecutor(workers) as pool:
+        for i, img in enumerate(tqdm(pool.map(partial(_load, size=size), files, chunksize=8),
+                                     total=len(files), desc=desc, unit="img")):
+            out[i] = img
+    return out
+
+
+def build(table: pd.DataFrame, skipped: set[str], size: int, workers: int = 0) -> dict[str, tuple]:
+    """Return {split: (images, labels, rows of path and fold)} for train/val/test, leaving out the skipped files."""
+    workers = workers or os.cpu_count() or 1
+    keep = table[table["split"].isin(paths.SPLITS) & ~table["path"].isin(skipped)]
+    result = {}
+    for split in paths.SPLITS:
+        rows = keep[keep["split"] == split]
+        images = cache_split(rows["path"].tolist(), size, workers, f"cache {split}")
+        result[split] = (images, rows["label"].to_numpy(np.int64), rows[["path", "fold"]])
+    return result
+
+
+def main(argv=None) -> int:
+    p = params.load().cache
+    table = pd.read_csv(paths.SPLIT_TABLE, keep_default_na=False)
+    report = io.read_json(paths.VALIDATE_REPORT)
+    summary = io.read_json(paths.SPLIT_SUMMARY)
+    splits = build(table, set(report.get("skipped", [])), p.image_size, p.workers)
+    index = []
+    for split, (images, labels, rows) in splits.items():
+        io.save_pair(paths.CACHE_DIR / split, images, labels)
+        index.append(rows.assign(split=split, row=np.arange(len(rows)), label=labels))
+    io.write_csv(paths.CACHE_DIR / "index.csv", pd.concat(index)[["split", "row", "path", "label", "fold"]])
+    io.write_json(paths.CACHE_DIR / "meta.json", {"image_size": p.image_size, "classes": summary["classes"]})
+    print("cache: " + ", ".join(f"{s} {len(v[0])}" for s, v in splits.items()) + f" images at {p.image_size} px")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Extract stage: bottleneck features of the frozen backbone, one `.npy` per split, aligned row by row with the
+cached labels.
+
+The seeds' version called `predict_generator(steps=n // batch)` on an unshuffled generator: the last partial batch
+was dropped and labels were rebuilt by assumption. Here every row is run, in order, and the counts are asserted.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import backbones, io, params, paths, tracking, train
+
+
+def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", desc: str = "extract") -> np.ndarray:
+    """Run `base` over uint8 images (N,S,S,3) in batches; returns (N, *feature_shape) in `dtype`."""
+    out = np.empty((len(images), *base.output_shape[1:]), dtype)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
+        batch = np.asarray(images[start:start + batch_size], dtype=np.float32)
+        out[start:start + len(batch)] = np.asarray(base.predict_on_batch(batch))
+    return out
+
+
+def main(argv=None) -> int:
+    prm = params.load()
+    bb, p = prm.backbone, prm.extract
+    meta = io.read_json(paths.CACHE_DIR / "meta.json")
+    size = meta["image_size"]
+    with tracking.stage_run("extract", {"backbone": bb.model_dump(), "extract": p.model_dump()}) as run:
+        device = train.device()
+        base = backbones.build_base(bb.name, bb.weights, size, bb.cut_layer)
+        shapes = {}
+        for split in paths.SPLITS:
+            images, labels = io.load_pair(paths.CACHE_DIR / split)
+            features = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split}")
+            assert len(features) == len(labels) == len(images), f"{split}: features and labels are misaligned"
+            io.save_pair(paths.FEATURES_DIR / split, features, labels)
+            shapes[split] = list(features.shape)
+        info = {**backbones.describe(bb.name, bb.weights), "cut_layer": bb.cut_layer or backbones.spec(bb.name).default_cut,
+                "image_size": size, "dtype": p.dtype, "shapes": shapes, "classes": meta["classes"], "device": device}
+        io.write_json(paths.FEATURES_DIR / "meta.json", info)
+        io.write_text(paths.FEATURES_DIR / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
+        if run:
+            run.log_params({"label": info["label"], "cut_layer": info["cut_layer"], "device": device})
+    print(f"extract: {info['label']} at {info['cut_layer']}: " + ", ".join(f"{s} {v}" for s, v in shapes.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Head stage: a dense classifier trained on the cached bottleneck features.
+
+Pooling, dropout, dense and a sigmoid (softmax for more than two classes); balanced class weights, shuffled
+batches, seeded; EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau. It writes the model
+(taking feature maps), its metadata, validation and test probabilities, the history and learning curves.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from pipeline import io, params, paths, tracking, train
+from pipeline.params import Head
+
+
+def train_head(train_xy, val_xy, n_classes: int, p: Head, seed: int, name: str = "head", epochs: int | None = None,
+               callbacks=(), verbose: int = 2):
+    """Fit a fresh head on (features, labels) pairs; returns the model (best val_loss weights) and its history."""
+    keras.utils.set_random_seed(seed)
+    model = train.compile_for(train.build_head(train_xy[0].shape[1:], n_classes, p, name), n_classes, p.learning_rate)
+    history = train.fit(model, train_xy, val_xy, epochs=epochs or p.epochs, batch_size=p.batch_size,
+                        patience=p.patience, class_weight=train.class_weights(train_xy[1], n_classes, p.class_weight),
+                        extra_callbacks=callbacks, verbose=verbose)
+    return model, history
+
+
+def main(argv=None) -> int:
+    prm = params.load()
+    meta = io.read_json(paths.FEATURES_DIR / "meta.json")
+    data = {s: train.load_features(s) for s in paths.SPLITS}
+    n_classes = train.n_classes_of(meta)
+    with tracking.stage_run("head", {"head": prm.head.model_dump(), "seed": prm.seed}) as run:
+        train.device()
+        model, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
+                                    callbacks=[tracking.keras_callback(run)])
+        probs = {s: train.probabilities(model, data[s][0]) for s in ("val", "test")}
+        train.save_model(model, "head", {**{k: meta[k] for k in ("name", "label", "weights", "cut_layer", "image_size",
+                                                                  "classes", "preprocessing")},
+                                         "input": "features", "feature_shape": list(data["train"][0].shape[1:])})
+        train.save_predictions("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
+        plots = train.save_history(history, "head")
+        tracking.log_files(run, paths.MODELS / "head.json", *plots)
+    best = history.loc[history["val_loss"].idxmin()]
+    print(f"head: best epoch {int(best['epoch'])}, val_loss {best['val_loss']:.4f}, val_accuracy {best['val_accuracy']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

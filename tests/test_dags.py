@@ -1,0 +1,297 @@
+"""Airflow DAGs: structure (DagBag), thin parse (no heavy imports), the data-change sensor's hash, and both DAGs
+end to end with `airflow dags test` on a tiny copy of the project (real DVC, TensorFlow, MLflow).
+
+Airflow runs in subprocesses with a temporary AIRFLOW_HOME, so it never configures logging or reads a home
+directory inside the test process.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import TINY_PARAMS, copy_project, make_folder, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+DAGS = ROOT / "dags"
+BIN = Path(sys.executable).parent
+HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "torch")
+STAGES = ("split", "validate", "cache", "extract", "head", "finetune", "bagging", "kfold", "evaluate")
+
+# The tiny project's params: TINY_PARAMS (conftest) with 1-2 epochs everywhere and no retries, so a failing
+# stage fails the DAG run at once.
+DAG_PARAMS = merge(TINY_PARAMS, {
+    "head": {"epochs": 2, "patience": 1},
+    "finetune": {"epochs": 1},
+    "kfold": {"epochs": 1},
+    "bagging": {"members": [0, 1]},
+    "schedule": {"retries": 0, "gpu_slots": 1},
+})
+
+
+def airflow_env(home: Path, dags: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AIRFLOW") and k not in {"MLFLOW_TRACKING_URI", "PIPELINE_RUN_ID"}}
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def run(cmd, env, cwd, timeout=900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-8000:]}"
+    return proc
+
+
+def load_common(dags: Path = DAGS):
+    """dags/_common.py as a module (yaml and stdlib only, safe to import here)."""
+    spec = importlib.util.spec_from_file_location(f"_dag_common_{abs(hash(str(dags)))}", dags / "_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------- (a) DagBag
+
+DAGBAG_PROBE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+out = {"errors": {k: str(v)[-2000:] for k, v in bag.import_errors.items()}, "files": sorted(s.file for s in bag.dagbag_stats), "dags": {}}
+for dag_id, dag in bag.dags.items():
+    out["dags"][dag_id] = {
+        "schedule": getattr(dag.timetable, "expression", None) or getattr(dag.timetable, "_expression", None) or str(dag.timetable),
+        "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
+        "tasks": {t.task_id: {"upstream": sorted(t.upstream_task_ids), "pool": t.pool,
+                              "mapped": type(t).__name__.endswith("MappedOperator"),
+                              "retries": t.retries, "backoff": t.retry_exponential_backoff,
+                              "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule)} for t in dag.tasks},
+        "expand": {t.task_id: dict(t.op_kwargs_expand_input.value)["item"] for t in dag.tasks
+                   if hasattr(t, "op_kwargs_expand_input")},
+    }
+print("DAGBAG_JSON" + json.dumps(out, default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def dagbag(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow_home_dagbag")
+    proc = run([sys.executable, "-c", DAGBAG_PROBE, str(DAGS)], airflow_env(home, DAGS), ROOT, timeout=120)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("DAGBAG_JSON"))
+    return json.loads(line.removeprefix("DAGBAG_JSON"))
+
+
+def test_dagbag_imports_both_dags_and_skips_the_helper(dagbag):
+    assert dagbag["errors"] == {}
+    assert set(dagbag["dags"]) == {"transfer_pipeline", "retrain_on_new_data"}
+    assert not any(f.endswith("_common.py") for f in dagbag["files"]), ".airflowignore should keep the helper out"
+
+
+def assert_acyclic(tasks: dict) -> None:
+    up = {t: set(v["upstream"]) for t, v in tasks.items()}
+    while up:
+        ready = {t for t, u in up.items() if not u}
+        assert ready, f"cycle among {sorted(up)}"
+        up = {t: u - ready for t, u in up.items() if t not in ready}
+
+
+def test_pipeline_dag_structure(dagbag):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    dag = dagbag["dags"]["transfer_pipeline"]
+    tasks = dag["tasks"]
+    assert list(tasks) == list(STAGES)  # dvc.yaml order
+    assert_acyclic(tasks)
+    assert dag["schedule"] == params["schedule"]["cron"] and dag["catchup"] is False and dag["max_active_runs"] == 1
+    up = {t: set(v["upstream"]) for t, v in tasks.items()}
+    assert up == {"split": set(), "validate": {"split"}, "cache": {"validate"}, "extract": {"cache"},
+                  "head": {"extract"}, "finetune": {"head"}, "bagging": {"extract"}, "kfold": {"extract"},
+                  "evaluate": {"finetune", "bagging", "kfold"}}
+    assert {t for t, v in tasks.items() if v["mapped"]} == {"bagging", "kfold"}
+    assert dag["expand"] == {"bagging": params["bagging"]["members"], "kfold": params["kfold"]["folds"]}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
+    assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for v in tasks.values())
+    assert tasks["evaluate"]["trigger_rule"] == "none_failed"  # an empty foreach list must not skip evaluate
+
+
+def test_retrain_dag_structure(dagbag):
+    dag = dagbag["dags"]["retrain_on_new_data"]
+    tasks = dag["tasks"]
+    assert list(tasks) == ["new_data", *STAGES, "register", "record_hash"]
+    assert_acyclic(tasks)
+    assert dag["catchup"] is False and dag["max_active_runs"] == 1
+    assert tasks["split"]["upstream"] == ["new_data"]
+    assert tasks["register"]["upstream"] == ["evaluate"]
+    assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
+
+
+def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
+    common = load_common()
+    cmd = common.stage_command("bagging@3", ["models/bagging/member_3.keras"], ROOT)
+    assert f"export PATH={common.venv_bin(ROOT)}:" in cmd and f"cd {ROOT}" in cmd
+    assert "dvc --wait-for-lock repro --single-item bagging@3 && echo" in cmd
+    assert "--force split" in common.stage_command("split", [], ROOT, force=True)
+    graph = common.stage_graph(ROOT)
+    assert graph["bagging"]["item_outs"][0] == ["models/bagging/member_0.keras", "data/predictions/bagging/member_0.npz"]
+
+
+# ---------------------------------------------------------------------------------------------------- (b) thin parse
+
+PARSE_PROBE = r"""
+import json, runpy, sys, time
+t0 = time.perf_counter()
+import airflow.sdk  # the DAG processor has this loaded already
+t1 = time.perf_counter()
+runpy.run_path(sys.argv[1], run_name="dag_probe")
+t2 = time.perf_counter()
+print("PARSE_JSON" + json.dumps({"sdk": t1 - t0, "file": t2 - t1, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("dag_file", ["pipeline_dag.py", "retrain_dag.py"])
+def test_dag_files_import_nothing_heavy(dag_file, tmp_path):
+    proc = run([sys.executable, "-c", PARSE_PROBE, str(DAGS / dag_file)], airflow_env(tmp_path, DAGS), ROOT, timeout=120)
+    probe = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PARSE_JSON")).removeprefix("PARSE_JSON"))
+    heavy = sorted({m.split(".")[0] for m in probe["modules"]} & set(HEAVY))
+    assert heavy == [], f"{dag_file} imports {heavy} at parse time; keep DAG files to yaml + stdlib"
+    print(f"{dag_file}: 'import airflow.sdk' {probe['sdk']:.2f} s, then the file {probe['file']:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------------------- sensor state
+
+def test_content_hash_follows_content_not_timestamps(tmp_path):
+    common = load_common()
+    root = make_folder(tmp_path / "images", per_class=2)
+    first = common.content_hash(root)
+    target = next((root / "cats").iterdir())
+    os.utime(target, (1, 1))
+    (root / ".DS_Store").write_text("ignored")
+    assert common.content_hash(root) == first
+    target.write_bytes(target.read_bytes() + b"\0")
+    assert common.content_hash(root) != first
+    target.rename(target.with_name("renamed.png"))
+    renamed = common.content_hash(root)
+    make_folder(root, per_class=3)  # one more image per class
+    assert len({first, renamed, common.content_hash(root)}) == 3
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\nimages/dogs/dogs_000.png,dogs\n")
+    before = common.content_hash(manifest)
+    (root / "dogs" / "dogs_000.png").write_bytes(b"changed")
+    assert common.content_hash(manifest) != before
+
+
+def test_recorded_hash_is_written_atomically(tmp_path):
+    common = load_common()
+    assert common.recorded_hash(tmp_path) is None
+    path = common.record_hash("abc123", tmp_path)
+    assert path == tmp_path / "data" / "source_hash.txt" and common.recorded_hash(tmp_path) == "abc123"
+    common.record_hash("def456", tmp_path)
+    assert common.recorded_hash(tmp_path) == "def456"
+    assert [p.name for p in path.parent.iterdir()] == ["source_hash.txt"]  # no temp files left behind
+
+
+def test_elpv_source_is_found_without_importing_it():
+    common = load_common()
+    folder = common.data_source({"data": {"source": "elpv"}})
+    assert folder.name == "data" and folder.parent.name == "elpv_dataset" and (folder / "labels.csv").exists()
+    assert "elpv_dataset" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------------- (c) end to end
+
+def build_airflow_project(dest: Path) -> SimpleNamespace:
+    """A tiny runnable copy of the project for Airflow: 12 generated 24-px PNGs per class of 2 classes, 32-px
+    cache, `small_cnn`, 1-2 epochs, 2 bagging members, 2 folds; its own git + DVC repo, the real virtualenv
+    linked in as `.venv`, and a fresh AIRFLOW_HOME (database migrated, `gpu` pool created)."""
+    images = make_folder(dest / "images", per_class=12)
+    project = copy_project(dest / "project", DAG_PARAMS, images)
+    (project / "dags").mkdir(exist_ok=True)
+    for f in [DAGS / ".airflowignore", *DAGS.glob("*.py")]:  # DAG files not yet committed while developing
+        shutil.copy2(f, project / "dags" / f.name)
+    (project / ".venv").symlink_to(BIN.parent, target_is_directory=True)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    env = airflow_env(dest / "airflow_home", project / "dags")
+    run([BIN / "airflow", "db", "migrate"], env, project, timeout=300)
+    slots = str(DAG_PARAMS["schedule"]["gpu_slots"])
+    run([BIN / "airflow", "pools", "set", "gpu", slots, load_common(project / "dags").GPU_POOL_DESCRIPTION], env, project)
+    return SimpleNamespace(root=project, images=images, env=env, mlflow_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def airflow_project(tmp_path_factory):
+    return build_airflow_project(tmp_path_factory.mktemp("dags_e2e"))
+
+
+def mlflow_runs(uri: str) -> list[dict]:
+    """Active runs of the project's experiment as {run_id, tags} (in a subprocess: mlflow stays out of here)."""
+    probe = ("import json, sys, mlflow\n"
+             "c = mlflow.MlflowClient(tracking_uri=sys.argv[1])\n"
+             "e = c.get_experiment_by_name(sys.argv[2])\n"
+             "runs = c.search_runs([e.experiment_id], max_results=1000) if e else []\n"
+             "versions = [v.version for v in c.search_model_versions(f\"name = '{sys.argv[3]}'\")] if e else []\n"
+             "print('RUNS_JSON' + json.dumps({'runs': [{'run_id': r.info.run_id, 'tags': r.data.tags} for r in runs],"
+             " 'versions': versions}))\n")
+    tracking = yaml.safe_load((ROOT / "params.yaml").read_text())["tracking"]
+    proc = subprocess.run([sys.executable, "-c", probe, uri, tracking["experiment"], tracking["register_as"]],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RUNS_JSON")).removeprefix("RUNS_JSON"))
+
+
+def test_stage_subprocesses_import_the_copy_not_the_installed_checkout(airflow_project):
+    """The package is installed editable from the real checkout; `python -m` (like `-c`) puts the working
+    directory first on sys.path, so stages run in the copy import the copy's `pipeline`."""
+    origin = subprocess.run([airflow_project.root / ".venv" / "bin" / "python", "-c",
+                             "import pipeline.params as p; print(p.__file__)"],
+                            cwd=airflow_project.root, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(origin).resolve().is_relative_to(airflow_project.root.resolve()), origin
+
+
+def test_pipeline_dag_end_to_end(airflow_project):
+    p = airflow_project
+    proc = run([BIN / "airflow", "dags", "test", "transfer_pipeline", "-f", p.root / "dags" / "pipeline_dag.py"],
+               p.env, p.root, timeout=1500)
+    for out in ["data/split.csv", "data/validate/report.json", "data/cache/train_x.npy", "data/features/train_x.npy",
+                "models/head.keras", "models/finetune.keras", "models/bagging/member_0.keras",
+                "models/bagging/member_1.keras", "data/predictions/bagging/member_1.npz",
+                "metrics/kfold/fold_0.json", "metrics/kfold/fold_1.json", "metrics/evaluate.json"]:
+        assert (p.root / out).exists(), f"{out} missing after the DAG run:\n{proc.stdout[-4000:]}"
+    assert "GPU" in proc.stdout or "CPU" in proc.stdout  # stages say where they ran
+
+    found = mlflow_runs(p.mlflow_uri)["runs"]
+    parents = [r for r in found if r["tags"].get("role") == "parent"]
+    assert len(parents) == 1, [r["tags"] for r in found]
+    parent = parents[0]
+    assert parent["tags"]["pipeline_run_id"].startswith("manual__")  # the Airflow run id
+    nested = [r["tags"]["stage"] for r in found if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
+    expected = {"extract", "head", "finetune", "bagging@0", "bagging@1", "kfold@0", "kfold@1", "evaluate"}
+    assert expected <= set(nested), nested
+    assert len(nested) == len(set(nested)), f"duplicate nested runs: {nested}"
+
+
+def test_retrain_dag_end_to_end(airflow_project):
+    """New data (no hash recorded yet): forced split, the rest only where inputs changed, register, record."""
+    p = airflow_project
+    run([BIN / "airflow", "dags", "test", "retrain_on_new_data", "-f", p.root / "dags" / "retrain_dag.py"],
+        p.env, p.root, timeout=1500)
+    common = load_common(p.root / "dags")
+    assert common.recorded_hash(p.root) == common.content_hash(p.images)
+    assert (p.root / "metrics" / "evaluate.json").exists()
+    state = mlflow_runs(p.mlflow_uri)
+    assert len(state["versions"]) >= 1, "register --if-better should register the first model (the gate is 0)"
+    assert sum(r["tags"].get("role") == "parent" for r in state["runs"]) >= 1

@@ -1,7 +1,7 @@
 """Helpers shared by the project's two DAGs (`pipeline_dag.py`, `retrain_dag.py`); not a DAG itself.
 
-`.airflowignore` keeps the DAG processor from parsing this file as a DAG; the DAG files import it by name
-because Airflow puts the DAG folder on `sys.path`.
+`.airflowignore` keeps the DAG processor from parsing this file as a DAG; the DAG files import it by name (their
+folder is on `sys.path`: Airflow's DAG bundle puts it there, and the DAG files add it when loaded another way).
 
 Kept light on purpose: a DAG file is parsed again and again by the DAG processor, so nothing here imports
 TensorFlow, Keras, great_expectations, MLflow or DVC. Only the standard library and PyYAML, plus the Airflow SDK

@@ -30,18 +30,6 @@ def load_head(backbone: dict) -> keras.Model:
     return keras.saving.load_model(model_file)
 
 
-def unfreeze(base: keras.Model, first: str) -> int:
-    """Make `first` and every later layer trainable, except BatchNorm; returns the number of trainable layers."""
-    names = [layer.name for layer in base.layers]
-    if first not in names:
-        raise ValueError(f"finetune.unfreeze_from: no layer '{first}' in {base.name}; choose one of {names}")
-    start = names.index(first)
-    base.trainable = True
-    for i, layer in enumerate(base.layers):
-        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-    return sum(layer.trainable for layer in base.layers)
-
-
 def build(base: keras.Model, head: keras.Model, p: params.Finetune, seed: int) -> keras.Model:
     inputs = keras.Input(base.input_shape[1:], name="image")
     x = augment.Augment(p.augment.model_dump(), seed=seed, name="augment")(inputs)
@@ -63,19 +51,19 @@ def main(argv=None) -> int:
             keras.mixed_precision.set_global_policy("mixed_float16" if device == "GPU" else "mixed_bfloat16")
         keras.utils.set_random_seed(prm.seed)
         base = backbones.build_base(bb.name, bb.weights, size, bb.cut_layer)
-        n_trainable = unfreeze(base, p.unfreeze_from or backbones.spec(bb.name).default_unfreeze)
+        unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
         model = train.compile_for(build(base, head, p, prm.seed), len(classes), p.learning_rate)
         data = {s: io.load_pair(paths.CACHE_DIR / s) for s in paths.SPLITS}
         weights = train.class_weights(data["train"][1], len(classes), prm.head.class_weight)
         batches = {s: train.Batches(*data[s], p.batch_size, shuffle=s == "train", seed=prm.seed,
                                     weights=weights if s == "train" else None,
                                     steps=p.steps_per_epoch if s == "train" else None) for s in paths.SPLITS}
-        print(f"finetune: {n_trainable} trainable layers from '{p.unfreeze_from or backbones.spec(bb.name).default_unfreeze}'")
+        print(f"finetune: {len(unfrozen)} layers unfrozen from '{unfrozen[0]}' (BatchNorm stays frozen)")
         history = train.fit(model, batches["train"], batches["val"], epochs=p.epochs, batch_size=p.batch_size,
                             patience=max(2, p.epochs), extra_callbacks=[tracking.keras_callback(run)])
         probs = {s: train.probabilities(model, batches[s]) for s in ("val", "test")}
         train.save_model(model, "finetune", {**info, "classes": classes, "input": "images",
-                                             "unfreeze_from": p.unfreeze_from or backbones.spec(bb.name).default_unfreeze})
+                                             "unfreeze_from": unfrozen[0]})
         train.save_predictions("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         tracking.log_files(run, paths.MODELS / "finetune.json", *train.save_history(history, "finetune"))
     print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "

@@ -37,8 +37,8 @@ def test_threshold_is_chosen_on_validation_not_test():
     val_prob = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.9])  # best split between 0.3 and 0.35
     t = evaluate.choose_threshold(val_y, val_prob)
     assert 0.3 < t <= 0.35
-    test_y = np.array([0, 1])
-    test_prob = np.array([0.32, 0.6])  # a test-chosen threshold would score 1.0
+    test_y = np.array([1, 1])
+    test_prob = np.array([0.34, 0.6])  # a threshold chosen on test (<= 0.34) would score 1.0
     results = evaluate.evaluate({"m": {"val_y": val_y, "val_prob": val_prob, "test_y": test_y, "test_prob": test_prob}})
     assert results["m"]["threshold"] == t and results["m"]["accuracy"] == 0.5
 

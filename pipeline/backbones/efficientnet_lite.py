@@ -146,3 +146,13 @@ def cached_weights(pth: str | Path | None = None) -> Path:
         with atomic_path(target, suffix=".weights.h5") as tmp:
             model.save_weights(tmp)
     return target
+
+
+def load_imagenet(model: keras.Model) -> None:
+    """Load the converted ImageNet weights (converting and caching them on first use) into `build_model()`."""
+    path = cached_weights()
+    try:
+        model.load_weights(path)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load the cached converted weights ({str(e).splitlines()[0][:200]}); "
+                         f"delete the file to convert again") from None

@@ -1,0 +1,1 @@
+"""Throughput benchmarks (`make bench`, i.e. `python -m bench.run`): not tests, no timing assertions."""

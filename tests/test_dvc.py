@@ -1,0 +1,86 @@
+"""Real DVC on a tiny copy of the project: repro, no-op repro, one param changed, experiments, plots, remote."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY_PARAMS, copy_project, make_folder
+from pipeline import paths
+
+
+def test_dvc_yaml_paths_match_the_stages():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = json.dumps(stages)
+    for p in (paths.SPLIT_TABLE, paths.SPLIT_SUMMARY, paths.VALIDATE_REPORT, paths.VALIDATE_SUMMARY, paths.CACHE_DIR,
+              paths.FEATURES_DIR, paths.PREDICTIONS_DIR, paths.METRICS / "evaluate.json"):
+        assert str(p) in declared, p
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        module = body["cmd"].split()[2]
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists(), name
+        assert f"{module.replace('.', '/')}.py" in body["deps"], f"{name} does not depend on its own code"
+
+
+def sh(cmd, cwd, env, check=True):
+    out = subprocess.run(cmd, cwd=cwd, env=env, shell=True, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout + out.stderr
+
+
+def ran(log: str) -> set:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dvc")
+    images = make_folder(tmp / "images", per_class=10)
+    dest = copy_project(tmp / "project", TINY_PARAMS, images)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("PIPELINE_RUN_ID", None)
+    sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest, env)
+    return dest, env, tmp
+
+
+def test_repro_then_noop_then_one_param(repo):
+    dest, env, _ = repo
+    first = sh("dvc repro", dest, env)
+    all_stages = {"split", "validate", "cache", "extract", "head", "finetune", "bagging@0", "bagging@1",
+                  "kfold@0", "kfold@1", "evaluate"}
+    assert ran(first) == all_stages
+    assert json.loads((dest / "metrics/evaluate.json").read_text())["head"]["n_test"] == 6
+    second = sh("dvc repro", dest, env)
+    assert ran(second) == set() and "Data and pipelines are up to date" in second
+    sh("git add -A && git -c user.name=t -c user.email=t@t commit -qm repro", dest, env)
+    exp = sh("dvc exp run -S finetune.learning_rate=0.001", dest, env)
+    assert ran(exp) == {"finetune", "evaluate"}  # nothing upstream of fine-tuning reruns
+    shown = json.loads(sh("dvc exp show --json", dest, env))
+    assert len(shown) >= 1 and "finetune.learning_rate" in json.dumps(shown)
+    assert "metrics/evaluate.json" in sh("dvc metrics diff --all HEAD", dest, env)
+    member = sh("dvc exp run -S 'bagging.members=[0,1,2]'", dest, env)
+    assert ran(member) == {"bagging@2", "evaluate"}  # one more member trains one more model
+
+
+def test_plots_and_metrics_render(repo):
+    dest, env, _ = repo
+    sh("dvc plots show -o plots_html", dest, env)
+    html = (dest / "plots_html" / "index.html").read_text()
+    assert "learning curves, head" in html and "ROC, best model" in html
+    assert "accuracy" in sh("dvc metrics show", dest, env)
+
+
+def test_local_remote_push_and_pull(repo):
+    dest, env, tmp = repo
+    remote = tmp / "remote"
+    sh(f"dvc remote add -f -d local {remote} && dvc push", dest, env)
+    before = (dest / "data/cache/train_x.npy").read_bytes()
+    sh("rm -rf data/cache .dvc/cache && dvc pull", dest, env)
+    assert (dest / "data/cache/train_x.npy").read_bytes() == before
+    assert ran(sh("dvc repro", dest, env)) == set()

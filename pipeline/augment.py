@@ -20,14 +20,15 @@ same pixels:
   JAX `map_coordinates` again.
 
 "auto" (the default, see `resolve_method`) is "affine_transform" on TensorFlow without a GPU (the native kernel
-is ~1.5x faster than the gather there, and Keras does not jit-compile on CPU) and "gather" everywhere else (on JAX
-~3.5x faster than `map_coordinates`; XLA-compatible). Both give the same pixels (to ~1e-4); `bench.run` measures
-both.
+is ~1.5x faster than the gather on 2 CPU cores, and Keras does not jit-compile on CPU) and "gather" everywhere
+else (on JAX's CPU ~4-6x faster than `map_coordinates`; XLA-compatible). Both give the same pixels (to ~1e-4);
+`bench.run` measures both.
 
 Draws per image (all uniform, independent): angle in [-rotation, rotation] degrees; shifts in
 [-width_shift, width_shift] x width and [-height_shift, height_shift] x height pixels; shear angle in
-[-shear, shear] radians; zoom factors zx, zy in [1 - zoom, 1 + zoom] each (> 1 zooms out, as the seeds); a
-horizontal (vertical) flip with probability 1/2 when enabled.
+[-shear, shear] radians (Keras 2's ImageDataGenerator read shear_range in DEGREES, so the seeds' 0.2 was a
+0.2-degree shear); zoom factors zx, zy in [1 - zoom, 1 + zoom] each (> 1 zooms out, as the seeds); a horizontal
+(vertical) flip with probability 1/2 when enabled.
 
 Coordinates: x is the column, y the row, pixel centres at integers; the centre of the image is
 ((W - 1) / 2, (H - 1) / 2), so a flip or a 90-degree turn of a square image maps the pixel grid onto itself.
@@ -111,10 +112,6 @@ def affine_matrices(draws: Mapping, height: int, width: int):
     return ops.stack([a0, a1, a2, b0, b1, b2], axis=1)
 
 
-def identity_matrices(batch: int):
-    return ops.tile(ops.convert_to_tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]], dtype="float32"), (batch, 1))
-
-
 def _fold(coord, size: int, fill_mode: str):
     """Map sampling coordinates outside [0, size - 1] back inside, then clamp for the bilinear corners."""
     if fill_mode == "reflect" and size > 1:  # (d c b a | a b c d | d c b a): mirror about the pixel edges
@@ -189,12 +186,15 @@ def _gather_warp(images, matrices, fill_mode: str):
 
 
 def augment_batch(images, p, seed_generator, fill_mode: str = "nearest", method: str = "auto"):
-    """Randomly warp a float (B, H, W, C) batch, one affine transform per image; shape and dtype are kept.
+    """Randomly warp a float (B, H, W, C) batch, one affine transform per image; shape and dtype are kept
+    (integer images, e.g. uint8, come back as float32).
 
     `p` is a `params.Augment` (or its dict); `seed_generator` a `keras.random.SeedGenerator` (or a seed, see
     `random_draws`)."""
     p = as_params(p)
     images = ops.convert_to_tensor(images)
+    if not keras.backend.is_float_dtype(images.dtype):
+        images = ops.cast(images, "float32")
     if is_identity(p):
         return images
     h, w = images.shape[1], images.shape[2]

@@ -171,3 +171,12 @@ def test_mixed_precision_keeps_the_warp_in_float32():
         assert keras.backend.standardize_dtype(y.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_uint8_images_come_back_as_float32():
+    x = images(2).round().astype("uint8")
+    y = augment.augment_batch(x, NOTHING.model_copy(update={"horizontal_flip": True}), keras.random.SeedGenerator(0))
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+    y = np.asarray(y)
+    for i in range(2):
+        assert np.allclose(y[i], x[i]) or np.allclose(y[i], x[i, :, ::-1])

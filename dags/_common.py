@@ -48,11 +48,12 @@ def schedule(params: dict) -> dict:
 
 
 def default_args(params: dict) -> dict:
-    """Retries with exponential backoff: 1 min, 2 min, 4 min, ... capped at 30 min."""
+    """Retries with exponential backoff: waits of 1-2, 2-4, 4-8 ... minutes (Airflow adds per-task jitter up to
+    the same again), capped at 30 minutes."""
     return {
         "retries": int(schedule(params)["retries"]),
         "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,  # Airflow 3: a multiplier (0 = constant delay), not a bool
+        "retry_exponential_backoff": 2.0,  # Airflow 3.3: a multiplier; the old `True` means 1.0, a constant delay
         "max_retry_delay": timedelta(minutes=30),
     }
 
@@ -84,8 +85,8 @@ def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, d
     """The stages of dvc.yaml in file order: {name: {"items", "item_outs", "outs", "upstream"}}.
 
     `items` is the list a `foreach` stage expands over (resolved from params.yaml) or None, `item_outs` maps each
-    item (None for a plain stage) to its output paths; `upstream` holds the
-    stages whose outputs this stage's deps name (the same rule DVC uses), minus edges implied by longer paths.
+    item (None for a plain stage) to its output paths; `upstream` holds the stages whose outputs this stage's deps
+    name (the same rule DVC uses), minus those it also reaches through another stage.
     """
     params = load_params(root) if params is None else params
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
@@ -110,8 +111,9 @@ def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, d
                                                                 for d in graph[name]["deps"])]
               for name in graph}
 
-    def reaches(src: str, dst: str, skip_direct: bool) -> bool:
-        todo = [u for u in direct[dst] if not (skip_direct and u == src)]
+    def indirect(src: str, dst: str) -> bool:
+        """Does `dst` depend on `src` through some other stage?"""
+        todo = [u for u in direct[dst] if u != src]
         seen = set()
         while todo:
             up = todo.pop()
@@ -123,7 +125,7 @@ def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, d
         return False
 
     for name, info in graph.items():
-        info["upstream"] = [up for up in direct[name] if not reaches(up, name, skip_direct=True)]
+        info["upstream"] = [up for up in direct[name] if not indirect(up, name)]
         del info["deps"]
     return graph
 
@@ -153,12 +155,14 @@ STAGE_ENV = {
 
 
 def bash_kwargs(root: Path = PROJECT) -> dict:
-    """Common BashOperator settings: the worker's environment (MLFLOW_TRACKING_URI included, when set) plus STAGE_ENV."""
+    """Common BashOperator settings: the worker's environment (MLFLOW_TRACKING_URI included, when set) plus
+    STAGE_ENV; the XCom is the JSON list of paths printed last."""
     return {"env": dict(STAGE_ENV), "append_env": True, "cwd": str(root), "skip_on_exit_code": None,
             "output_processor": json.loads}
 
 
-def stage_tasks(root: Path = PROJECT, params: dict | None = None, force: frozenset[str] = frozenset()) -> tuple[list, list]:
+def stage_tasks(root: Path = PROJECT, params: dict | None = None,
+                force: frozenset[str] = frozenset()) -> tuple[list, list]:
     """Create one task per dvc.yaml stage (foreach stages as mapped tasks) in the current DAG, wired like DVC's
     graph. `force` names stages run with `--force` (a stage whose real input DVC does not track). Returns the
     (first, last) tasks, for the caller to attach upstream/downstream work.

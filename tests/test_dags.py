@@ -54,7 +54,8 @@ def airflow_env(home: Path, dags: Path) -> dict:
 
 def run(cmd, env, cwd, timeout=900) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-8000:]}"
+    tail = (proc.stdout + proc.stderr)[-8000:]
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{tail}"
     return proc
 
 
@@ -72,10 +73,11 @@ DAGBAG_PROBE = r"""
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
-out = {"errors": {k: str(v)[-2000:] for k, v in bag.import_errors.items()}, "files": sorted(s.file for s in bag.dagbag_stats), "dags": {}}
+out = {"errors": {k: str(v)[-2000:] for k, v in bag.import_errors.items()},
+       "files": sorted(s.file for s in bag.dagbag_stats), "dags": {}}
 for dag_id, dag in bag.dags.items():
     out["dags"][dag_id] = {
-        "schedule": getattr(dag.timetable, "expression", None) or getattr(dag.timetable, "_expression", None) or str(dag.timetable),
+        "schedule": getattr(dag.timetable, "expression", None) or str(dag.timetable),
         "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
         "tasks": {t.task_id: {"upstream": sorted(t.upstream_task_ids), "pool": t.pool,
                               "mapped": type(t).__name__.endswith("MappedOperator"),
@@ -147,7 +149,8 @@ def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
     assert "dvc --wait-for-lock repro --single-item bagging@3 && echo" in cmd
     assert "--force split" in common.stage_command("split", [], ROOT, force=True)
     graph = common.stage_graph(ROOT)
-    assert graph["bagging"]["item_outs"][0] == ["models/bagging/member_0.keras", "data/predictions/bagging/member_0.npz"]
+    assert graph["bagging"]["item_outs"][0] == ["models/bagging/member_0.keras",
+                                                "data/predictions/bagging/member_0.npz"]
 
 
 # ---------------------------------------------------------------------------------------------------- (b) thin parse
@@ -165,8 +168,10 @@ print("PARSE_JSON" + json.dumps({"sdk": t1 - t0, "file": t2 - t1, "modules": sor
 
 @pytest.mark.parametrize("dag_file", ["pipeline_dag.py", "retrain_dag.py"])
 def test_dag_files_import_nothing_heavy(dag_file, tmp_path):
-    proc = run([sys.executable, "-c", PARSE_PROBE, str(DAGS / dag_file)], airflow_env(tmp_path, DAGS), ROOT, timeout=120)
-    probe = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PARSE_JSON")).removeprefix("PARSE_JSON"))
+    proc = run([sys.executable, "-c", PARSE_PROBE, str(DAGS / dag_file)], airflow_env(tmp_path, DAGS), ROOT,
+               timeout=120)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PARSE_JSON"))
+    probe = json.loads(line.removeprefix("PARSE_JSON"))
     heavy = sorted({m.split(".")[0] for m in probe["modules"]} & set(HEAVY))
     assert heavy == [], f"{dag_file} imports {heavy} at parse time; keep DAG files to yaml + stdlib"
     print(f"{dag_file}: 'import airflow.sdk' {probe['sdk']:.2f} s, then the file {probe['file']:.2f} s")
@@ -208,9 +213,10 @@ def test_recorded_hash_is_written_atomically(tmp_path):
 
 def test_elpv_source_is_found_without_importing_it():
     common = load_common()
+    imported_before = "elpv_dataset" in sys.modules
     folder = common.data_source({"data": {"source": "elpv"}})
     assert folder.name == "data" and folder.parent.name == "elpv_dataset" and (folder / "labels.csv").exists()
-    assert "elpv_dataset" not in sys.modules
+    assert ("elpv_dataset" in sys.modules) == imported_before
 
 
 # ---------------------------------------------------------------------------------------------------- (c) end to end
@@ -229,7 +235,8 @@ def build_airflow_project(dest: Path) -> SimpleNamespace:
     env = airflow_env(dest / "airflow_home", project / "dags")
     run([BIN / "airflow", "db", "migrate"], env, project, timeout=300)
     slots = str(DAG_PARAMS["schedule"]["gpu_slots"])
-    run([BIN / "airflow", "pools", "set", "gpu", slots, load_common(project / "dags").GPU_POOL_DESCRIPTION], env, project)
+    description = load_common(project / "dags").GPU_POOL_DESCRIPTION
+    run([BIN / "airflow", "pools", "set", "gpu", slots, description], env, project)
     return SimpleNamespace(root=project, images=images, env=env, mlflow_uri=f"sqlite:///{project / 'mlflow.db'}")
 
 
@@ -238,8 +245,9 @@ def airflow_project(tmp_path_factory):
     return build_airflow_project(tmp_path_factory.mktemp("dags_e2e"))
 
 
-def mlflow_runs(uri: str) -> list[dict]:
-    """Active runs of the project's experiment as {run_id, tags} (in a subprocess: mlflow stays out of here)."""
+def mlflow_runs(uri: str) -> dict:
+    """{"runs": [{run_id, tags}] (active runs of the project's experiment), "versions": [registered versions]},
+    read in a subprocess so mlflow stays out of the test process."""
     probe = ("import json, sys, mlflow\n"
              "c = mlflow.MlflowClient(tracking_uri=sys.argv[1])\n"
              "e = c.get_experiment_by_name(sys.argv[2])\n"

@@ -3,7 +3,7 @@
 Reads the probabilities the model stages wrote (the bagging ensemble is the mean of its members), writes
 `metrics/evaluate.json` ({model: {accuracy, precision, recall, f1, roc_auc, log_loss, ...}}), the K-fold summary,
 ROC / confusion / calibration plots as PNG and as data for `dvc plots`, then offers the best model to the gated
-MLflow registry.
+MLflow registry (registered only if it passes `evaluate.gate` and beats the registered version on this test split).
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if kfold["folds"]:
         print(f"evaluate kfold: accuracy {kfold['accuracy_mean']:.4f} ± {kfold['accuracy_std']:.4f} over {kfold['folds']} folds")
     if tracking.enabled():
-        print(tracking.register())
+        print(tracking.register(if_better=True))
     return 0
 
 

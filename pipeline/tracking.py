@@ -71,10 +71,13 @@ def stage_run(stage: str, section: dict | None = None):
     for old in client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.stage = '{stage}'"):
         client.delete_run(old.info.run_id)  # a rerun replaces its nested run
     tags = {"stage": stage, "pipeline_run_id": rid, "mlflow.parentRunId": parent}
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags):
-        if section:
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(section).items()})
-        yield mlflow
+    try:
+        with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags):
+            if section:
+                mlflow.log_params({k: str(v)[:500] for k, v in flatten(section).items()})
+            yield mlflow
+    finally:
+        client.set_terminated(parent)  # the parent spans its stages: finished as of the latest one
 
 
 def keras_callback(mlflow):
@@ -125,7 +128,9 @@ def register(if_better: bool = False) -> str:
     from pipeline import augment  # noqa: F401 - registers the augmentation layer a fine-tuned model holds
 
     model = keras.saving.load_model(paths.MODELS / f"{best}.keras", compile=False)
-    tags = {"stage": "register", "pipeline_run_id": pipeline_run_id(), "test_split": split_id, "model": best}
+    rid = pipeline_run_id()
+    tags = {"stage": "register", "pipeline_run_id": rid, "test_split": split_id, "model": best,
+            "mlflow.parentRunId": _parent(client, exp_id, rid)}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"register {best}", tags=tags):
         mlflow.log_metrics({f"test_{k}": float(v) for k, v in score.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(paths.MODELS / f"{best}.json"))

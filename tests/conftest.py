@@ -62,7 +62,7 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def copy_project(dest: Path, params_over: dict, images: Path | None = None) -> Path:
-    """A copy of the project's tracked files (a git + DVC repo of its own) with params.yaml overridden."""
+    """A copy of the project's tracked files with params.yaml overridden (tests that need git/DVC `git init` it)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (ROOT / f).is_file():

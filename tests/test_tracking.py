@@ -16,7 +16,7 @@ def test_parent_and_nested_runs(trained_copy):
     run_stages("head", "head", "kfold@0")
     mlflow.set_tracking_uri(tracking.os.environ["MLFLOW_TRACKING_URI"])
     parents = runs(pipeline_run_id="test-run", role="parent")
-    assert len(parents) == 1
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     nested = runs(pipeline_run_id="test-run")
     stages = sorted(r.data.tags["stage"] for r in nested if "stage" in r.data.tags)
     assert stages == ["head", "kfold@0"]  # the second head run replaced the first
@@ -41,6 +41,8 @@ def test_registry_gate(trained_copy):
     mlflow.set_tracking_uri(tracking.os.environ["MLFLOW_TRACKING_URI"])
     versions = mlflow.MlflowClient().search_model_versions("name = 'image-classifier'")
     assert len(versions) == 1
+    register_run = mlflow.get_run(versions[0].run_id)
+    assert register_run.data.tags["mlflow.parentRunId"] == runs(pipeline_run_id="test-run", role="parent")[0].info.run_id
     assert tracking.register(if_better=True).startswith("not registered: version 1 already has")
     scores = json.loads((paths.METRICS / "evaluate.json").read_text())
     for s in scores.values():

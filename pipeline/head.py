@@ -7,7 +7,6 @@ batches, seeded; EarlyStopping, ModelCheckpoint on the best val_loss and ReduceL
 from __future__ import annotations
 
 import keras
-import numpy as np
 
 from pipeline import io, params, paths, tracking, train
 from pipeline.params import Head

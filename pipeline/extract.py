@@ -36,8 +36,8 @@ def main(argv=None) -> int:
             assert len(features) == len(labels) == len(images), f"{split}: features and labels are misaligned"
             io.save_pair(paths.FEATURES_DIR / split, features, labels)
             shapes[split] = list(features.shape)
-        info = {**backbones.describe(bb.name, bb.weights), "cut_layer": bb.cut_layer or backbones.spec(bb.name).default_cut,
-                "image_size": size, "dtype": p.dtype, "shapes": shapes, "classes": meta["classes"], "device": device}
+        info = {**backbones.describe(bb.name, bb.weights, bb.cut_layer, size), "dtype": p.dtype, "shapes": shapes,
+                "classes": meta["classes"], "device": device}
         io.write_json(paths.FEATURES_DIR / "meta.json", info)
         io.write_text(paths.FEATURES_DIR / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
         if run:

@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     bb, p = prm.backbone, prm.finetune
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
     size, classes = meta["image_size"], meta["classes"]
-    info = {**backbones.describe(bb.name, bb.weights), "cut_layer": bb.cut_layer or backbones.spec(bb.name).default_cut,
-            "image_size": size}
+    info = backbones.describe(bb.name, bb.weights, bb.cut_layer, size)
     head = load_head(info)
     with tracking.stage_run("finetune", {"backbone": bb.model_dump(), "finetune": p.model_dump(), "seed": prm.seed}) as run:
         device = train.device()

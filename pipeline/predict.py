@@ -7,6 +7,7 @@ image size, classes), and the decision threshold the evaluate stage chose on val
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def threshold_for(model_file: Path, given: float | None) -> float:
         return given
     metrics = paths.METRICS / "evaluate.json"
     chosen = io.read_json(metrics).get(model_file.stem, {}).get("threshold") if metrics.exists() else None
-    return 0.5 if chosen is None or chosen != chosen else float(chosen)
+    return 0.5 if chosen is None or math.isnan(chosen) else float(chosen)  # NaN: argmax models have none
 
 
 def predict(model_file: Path, inputs, threshold: float | None = None, batch_size: int = 32) -> pd.DataFrame:

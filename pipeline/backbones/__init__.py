@@ -91,12 +91,13 @@ def label(name: str, weights: str = "default") -> str:
             "none": f"{pretty} (random init)"}.get(w, f"{pretty} (weights from {Path(w).name})")
 
 
-def describe(name: str, weights: str = "default") -> dict:
-    """Small JSON-able description of a backbone, for model metadata."""
+def describe(name: str, weights: str = "default", cut_layer: str | None = None, image_size: int | None = None) -> dict:
+    """Small JSON-able description of a backbone, for model metadata (cut layer resolved to the default)."""
     s = spec(name)
-    return {"name": name, "label": label(name, weights), "weights": str(weights),
-            "weights_resolved": resolve_weights(name, weights), "preprocessing": s.preprocessing,
-            "input": "RGB float 0..255, preprocessing inside the model"}
+    out = {"name": name, "label": label(name, weights), "weights": str(weights),
+           "weights_resolved": resolve_weights(name, weights), "preprocessing": s.preprocessing,
+           "input": "RGB float 0..255, preprocessing inside the model", "cut_layer": cut_layer or s.default_cut}
+    return out if image_size is None else {**out, "image_size": image_size}
 
 
 RANDOM_INIT_SEED = 0

@@ -351,8 +351,8 @@ def bench_input(files, labels, source_dir: Path, tmp: Path, args) -> tuple[dict,
     out["loader"] = loader_name
     p = params.Augment(**SEEDS_RECIPE)
 
-    def ours(fn=None):
-        batches = Batches(cache, labels, BATCH, shuffle=True, seed=0)
+    def ours(fn=None, **loader_args):
+        batches = Batches(cache, labels, BATCH, shuffle=True, seed=0, **loader_args)
         state = {"i": 0}
 
         def step():
@@ -367,8 +367,12 @@ def bench_input(files, labels, source_dir: Path, tmp: Path, args) -> tuple[dict,
 
         return step
 
-    auto = augment.resolve_method("auto")
+    # Where the finetune stage augments by default (`augment_in: auto`): in the loader without an accelerator,
+    # in the model (the `auto` warp method) with one.
+    auto = "loader" if not backend_info()["accelerator"] else augment.resolve_method("auto")
     candidates = {"cache + loader": ours()}
+    if loader_name == "pipeline.train.Batches":
+        candidates["cache + loader + augment (loader)"] = ours(augment=p)
     for method in ("gather", "affine_transform"):
         candidates[f"cache + loader + Augment ({method})"] = ours(augment_fn(p, method))
     IDG, where = image_data_generator()
@@ -390,7 +394,8 @@ def bench_input(files, labels, source_dir: Path, tmp: Path, args) -> tuple[dict,
     out["rows"] = rows
     out["augment_method_auto"] = auto
     ours_plain = rows["cache + loader"]["images_per_s"]
-    ours_aug = rows[f"cache + loader + Augment ({auto})"]["images_per_s"]
+    ours_aug = rows.get("cache + loader + augment (loader)" if auto == "loader" else
+                        f"cache + loader + Augment ({auto})", {}).get("images_per_s")
     out["ratios"] = {
         "speedup_no_augmentation": ratio(ours_plain, rows.get("ImageDataGenerator", {}).get("images_per_s")),
         "speedup_augmented": ratio(ours_aug, rows.get("ImageDataGenerator + augmentation", {}).get("images_per_s")),

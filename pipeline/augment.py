@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Mapping
 
 import keras
+import numpy as np
 from keras import ops
 
 from pipeline import params
@@ -200,6 +202,66 @@ def augment_batch(images, p, seed_generator, fill_mode: str = "nearest", method:
     h, w = images.shape[1], images.shape[2]
     draws = random_draws(ops.shape(images)[0], p, h, w, seed_generator)
     return warp(images, affine_matrices(draws, h, w), fill_mode=fill_mode, method=method)
+
+
+def random_matrices(n: int, p, height: int, width: int, seed: int):
+    """(n, 6) float32 NumPy matrices (see `affine_matrices`) of `n` random draws: the same draws as the layer."""
+    p = as_params(p)
+    return ops.convert_to_numpy(affine_matrices(random_draws(n, p, height, width, int(seed)), height, width))
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _POOL = ThreadPoolExecutor(max(1, cores), thread_name_prefix="augment")
+    return _POOL
+
+
+def _warp_one(image: np.ndarray, m: np.ndarray, fill_mode: str) -> np.ndarray:
+    """One uint8 (H, W, C) image through one matrix with Pillow's bilinear affine resampler.
+
+    Pillow fills outside the image with a constant, so the image is first padded (edge pixels repeated for
+    "nearest", mirrored for "reflect") by as much as this matrix reaches outside it; sampling the padded image
+    then gives what clamping or mirroring the coordinates gives. Pillow puts pixel centres at +0.5, hence the
+    shifted offsets."""
+    from PIL import Image
+
+    h, w, c = image.shape
+    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], np.float64)
+    src = corners @ np.asarray(m, np.float64).reshape(2, 3).T  # (4, 2) source x, y of the output corners
+    reach = max(-src[:, 0].min(), src[:, 0].max() - (w - 1), -src[:, 1].min(), src[:, 1].max() - (h - 1), 0.0)
+    pad = int(math.ceil(reach)) + 2
+    if fill_mode == "reflect":
+        pad = min(pad, h, w)  # one mirror period: farther out (a > 100 % zoom-out) Pillow's fill shows
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge" if fill_mode == "nearest" else "symmetric")
+    a0, a1, a2, b0, b1, b2 = (float(v) for v in m)
+    data = (a0, a1, a2 + 0.5 - 0.5 * (a0 + a1) + pad, b0, b1, b2 + 0.5 - 0.5 * (b0 + b1) + pad)
+
+    def resample(plane: np.ndarray) -> np.ndarray:
+        im = Image.fromarray(plane)
+        return np.asarray(im.transform((w, h), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR))
+
+    if c == 3:
+        return resample(padded)
+    return np.stack([resample(np.ascontiguousarray(padded[..., k])) for k in range(c)], axis=-1)
+
+
+def warp_uint8(images: np.ndarray, matrices: np.ndarray, fill_mode: str = "nearest") -> np.ndarray:
+    """The same warp as `warp`, for a uint8 (B, H, W, C) NumPy batch on the CPU: one image per task on a pool of
+    one thread per core (Pillow's resampler releases the GIL), uint8 out (bilinear, rounded). This is what a
+    loader feeding a CPU training step uses; `warp` is the in-model version for accelerators."""
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got '{fill_mode}'")
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"warp_uint8 takes a uint8 (B, H, W, C) batch, got {images.dtype} {images.shape}")
+    return np.stack(list(_pool().map(lambda i: _warp_one(images[i], matrices[i], fill_mode), range(len(images)))))
 
 
 @keras.saving.register_keras_serializable(package="pipeline")

@@ -1,5 +1,8 @@
 """Fine-tune stage: augmentation -> backbone -> the trained head, with the top of the backbone unfrozen.
 
+The augmentation runs in the training loader on a CPU (Pillow, every core, uint8) and as the first layer of the
+model on a GPU (`augment_in`); both draw the same random affine warps (`pipeline.augment`).
+
 Phase order is enforced: the head stage must have trained a head on this backbone's features first (fine-tuning
 under a random head wrecks the pretrained weights). BatchNorm layers stay in inference mode, the learning rate is
 low, and the training images are reshuffled every epoch.
@@ -30,9 +33,15 @@ def load_head(backbone: dict) -> keras.Model:
     return keras.saving.load_model(model_file)
 
 
-def build(base: keras.Model, head: keras.Model, p: params.Finetune, seed: int) -> keras.Model:
+def augment_where(p: params.Finetune, device: str) -> str:
+    """'model' (the keras.ops layer, on the accelerator) or 'loader' (Pillow on every CPU core, beside the step):
+    `augment_in: auto` is the loader on a CPU, where it costs a fraction of the in-model warp."""
+    return p.augment_in if p.augment_in != "auto" else ("model" if device == "GPU" else "loader")
+
+
+def build(base: keras.Model, head: keras.Model, p: params.Finetune, seed: int, in_model: bool = True) -> keras.Model:
     inputs = keras.Input(base.input_shape[1:], name="image")
-    x = augment.Augment(p.augment.model_dump(), seed=seed, name="augment")(inputs)
+    x = augment.Augment(p.augment.model_dump(), seed=seed, name="augment")(inputs) if in_model else inputs
     x = base(x, training=False)  # BatchNorm in inference mode even while its neighbours train
     return keras.Model(inputs, head(x), name="finetune")
 
@@ -51,18 +60,24 @@ def main(argv=None) -> int:
         keras.utils.set_random_seed(prm.seed)
         base = backbones.build_base(bb.name, bb.weights, size, bb.cut_layer)
         unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
-        model = train.compile_for(build(base, head, p, prm.seed), len(classes), p.learning_rate)
+        where = augment_where(p, device)
+        model = train.compile_for(build(base, head, p, prm.seed, in_model=where == "model"), len(classes), p.learning_rate)
         data = {s: io.load_pair(paths.CACHE_DIR / s) for s in paths.SPLITS}
         weights = train.class_weights(data["train"][1], len(classes), prm.head.class_weight)
         batches = {s: train.Batches(*data[s], p.batch_size, shuffle=s == "train", seed=prm.seed,
                                     weights=weights if s == "train" else None,
-                                    steps=p.steps_per_epoch if s == "train" else None) for s in paths.SPLITS}
-        print(f"finetune: {len(unfrozen)} layers unfrozen from '{unfrozen[0]}' (BatchNorm stays frozen)")
+                                    steps=p.steps_per_epoch if s == "train" else None,
+                                    augment=p.augment if s == "train" and where == "loader" else None)
+                   for s in paths.SPLITS}
+        print(f"finetune: {len(unfrozen)} layers unfrozen from '{unfrozen[0]}' (BatchNorm stays frozen); "
+              f"augmentation in the {where}")
         history = train.fit(model, batches["train"], batches["val"], epochs=p.epochs, batch_size=p.batch_size,
                             patience=max(2, p.epochs), extra_callbacks=[tracking.keras_callback(run)])
-        probs = {s: train.probabilities(model, batches[s]) for s in ("val", "test")}
+        flips = train.flip_axes(p.augment.horizontal_flip, p.augment.vertical_flip)
+        probs = {s: train.probabilities(model, batches[s], flips=flips) for s in ("val", "test")}
         train.save_model(model, "finetune", {**info, "classes": classes, "input": "images",
-                                             "unfreeze_from": unfrozen[0]})
+                                             "unfreeze_from": unfrozen[0], "tta_flips": [list(a) for a in flips],
+                                             "augment_in": where})
         train.save_predictions("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         tracking.log_files(run, paths.MODELS / "finetune.json", *train.save_history(history, "finetune"))
     print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "

@@ -1,8 +1,10 @@
-"""Head stage: a dense classifier trained on the cached bottleneck features.
+"""Head stage: a classifier trained on the cached bottleneck feature maps.
 
-Pooling, dropout, dense and a sigmoid (softmax for more than two classes); balanced class weights, shuffled
-batches, seeded; EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau. It writes the model
-(taking feature maps), its metadata, validation and test probabilities, the history and learning curves.
+A small convolutional detector on the standardised map (or plain global pooling), max- and average-pooled,
+dropout and a sigmoid (softmax for more than two classes); the maps are randomly flipped while training and the
+predictions averaged over the same flips (`train.flip_axes`). Balanced class weights, shuffled batches, seeded;
+EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau. It writes the model (taking feature
+maps), its metadata, validation and test probabilities, the history and learning curves.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ def train_head(train_xy, val_xy, n_classes: int, p: Head, seed: int, name: str =
                callbacks=(), verbose: int = 2):
     """Fit a fresh head on (features, labels) pairs; returns the model (best val_loss weights) and its history."""
     keras.utils.set_random_seed(seed)
-    model = train.compile_for(train.build_head(train_xy[0].shape[1:], n_classes, p, name), n_classes, p.learning_rate)
+    head = train.build_head(train_xy[0].shape[1:], n_classes, p, name, stats=train.feature_stats(train_xy[0]))
+    model = train.compile_for(head, n_classes, p.learning_rate)
     history = train.fit(model, train_xy, val_xy, epochs=epochs or p.epochs, batch_size=p.batch_size,
                         patience=p.patience, class_weight=train.class_weights(train_xy[1], n_classes, p.class_weight),
                         extra_callbacks=callbacks, verbose=verbose)
@@ -32,10 +35,12 @@ def main(argv=None) -> int:
         train.device()
         model, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
                                     callbacks=[tracking.keras_callback(run)])
-        probs = {s: train.probabilities(model, data[s][0]) for s in ("val", "test")}
+        flips = train.head_flips(prm.head)
+        probs = {s: train.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         train.save_model(model, "head", {**{k: meta[k] for k in ("name", "label", "weights", "cut_layer", "image_size",
                                                                   "classes", "preprocessing")},
-                                         "input": "features", "feature_shape": list(data["train"][0].shape[1:])})
+                                         "input": "features", "feature_shape": list(data["train"][0].shape[1:]),
+                                         "tta_flips": [list(a) for a in flips]})
         train.save_predictions("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         plots = train.save_history(history, "head")
         tracking.log_files(run, paths.MODELS / "head.json", *plots)

@@ -33,7 +33,7 @@ class Data(Section):
 
 
 class Split(Section):
-    ratios: tuple[float, float, float] = (0.70, 0.25, 0.05)
+    ratios: tuple[float, float, float] = (0.65, 0.10, 0.25)
     counts: Optional[tuple[int, int, int]] = None
     folds: int = Field(5, ge=0)
     stratify: list[str] = []
@@ -70,7 +70,7 @@ class Validate(Section):
 
 
 class Cache(Section):
-    image_size: int = Field(224, ge=8, le=1024)
+    image_size: int = Field(300, ge=8, le=1024)
     workers: int = Field(0, ge=0)
 
 
@@ -86,13 +86,17 @@ class Extract(Section):
 
 
 class Head(Section):
-    hidden: int = Field(256, ge=0)
+    conv_filters: int = Field(64, ge=0)
+    conv_layers: int = Field(2, ge=1, le=4)
+    hidden: int = Field(0, ge=0)
     dropout: float = Field(0.5, ge=0, lt=1)
     learning_rate: float = Field(1e-3, gt=0)
-    epochs: int = Field(60, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
     patience: int = Field(8, ge=1)
     class_weight: Literal["balanced", "none"] = "balanced"
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
 
 
 class Augment(Section):
@@ -112,6 +116,7 @@ class Finetune(Section):
     unfreeze_from: Optional[str] = None
     mixed_precision: bool = False
     steps_per_epoch: Optional[int] = Field(None, ge=1)
+    augment_in: Literal["auto", "loader", "model"] = "auto"
     augment: Augment = Augment()
 
 
@@ -122,7 +127,7 @@ class Bagging(Section):
 
 class Kfold(Section):
     folds: list[int] = [0, 1, 2, 3, 4]
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(30, ge=1)
 
 
 class Gate(Section):

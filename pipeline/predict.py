@@ -34,20 +34,22 @@ def image_files(inputs) -> list[Path]:
 
 
 def load(model_file: Path):
-    """The model as a callable on uint8 images, and its metadata."""
+    """The model as a callable on float images giving P(class 1) (N,) or (N, C), and its metadata. The predictions
+    are averaged over the flips the model was trained with (`tta_flips`), as the stages did."""
     import keras
 
-    from pipeline import augment, backbones  # noqa: F401 - augment registers its layer for loading
+    from pipeline import augment, backbones, train  # noqa: F401 - augment registers its layer for loading
 
     meta_file = model_file.with_suffix(".json")
     if not meta_file.exists():
         raise FileNotFoundError(f"{meta_file} not found: it is written beside the model by the stage that trained it")
     meta = io.read_json(meta_file)
     model = keras.saving.load_model(model_file, compile=False)
+    flips = tuple(tuple(a) for a in meta.get("tta_flips", [[]]))
     if meta["input"] == "features":  # a head: put the frozen backbone in front of it
         base = backbones.build_base(meta["name"], meta["weights"], meta["image_size"], meta["cut_layer"])
-        return (lambda x: model.predict(base.predict(x, verbose=0), verbose=0)), meta
-    return (lambda x: model.predict(x, verbose=0)), meta
+        return (lambda x: train.probabilities(model, base.predict(x, verbose=0), flips=flips)), meta
+    return (lambda x: train.probabilities(model, x, flips=flips)), meta
 
 
 def threshold_for(model_file: Path, given: float | None) -> float:
@@ -66,8 +68,8 @@ def predict(model_file: Path, inputs, threshold: float | None = None, batch_size
         batch = np.stack([load_rgb(str(f), meta["image_size"]) for f in files[start:start + batch_size]])
         probs.append(np.asarray(run(batch.astype(np.float32)), np.float64))
     prob = np.concatenate(probs)
-    if prob.shape[1] == 1:
-        p1 = prob[:, 0]
+    if prob.ndim == 1:
+        p1 = prob
         return pd.DataFrame({"path": map(str, files), "probability": p1.round(6),
                              "label": [classes[int(v >= t)] for v in p1]})
     return pd.DataFrame({"path": map(str, files), "probability": prob.max(1).round(6),

@@ -1,6 +1,6 @@
 """Split stage: ingest the data source, then assign every image to train/val/test and a cross-validation fold.
 
-Holdout by ratios (0.70/0.25/0.05) or by counts (2000/1000/1000, balanced per class), stratified on the label
+Holdout by ratios (0.65/0.10/0.25) or by counts (2000/1000/1000, balanced per class), stratified on the label
 plus any `split.stratify` columns, seeded. Images of one `group`, and exact duplicates (same sha256), always land
 in the same split and fold. Same params and data give a byte-identical table.
 """

@@ -12,7 +12,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline import io, paths  # noqa: E402
+from pipeline import augment, io, paths  # noqa: E402
 from pipeline.params import Head  # noqa: E402
 
 
@@ -42,10 +42,50 @@ def n_classes_of(meta: dict) -> int:
     return len(meta["classes"])
 
 
-def build_head(input_shape, n_classes: int, p: Head, name: str = "head") -> keras.Model:
-    """Pooling, dropout, dense, dropout, then sigmoid (2 classes) or softmax (more)."""
+def flip_axes(horizontal: bool, vertical: bool) -> tuple[tuple[int, ...], ...]:
+    """The flips a model is trained to ignore, as tuples of axes of a (N, H, W, C) batch: always the identity,
+    then left-right (axis 2), up-down (axis 1) and both, as enabled. `probabilities` averages over them."""
+    out = [()]
+    if horizontal:
+        out.append((2,))
+    if vertical:
+        out.append((1,))
+    if horizontal and vertical:
+        out.append((1, 2))
+    return tuple(out)
+
+
+def head_flips(p: Head) -> tuple[tuple[int, ...], ...]:
+    return flip_axes(p.horizontal_flip, p.vertical_flip)
+
+
+def build_head(input_shape, n_classes: int, p: Head, name: str = "head", stats=None) -> keras.Model:
+    """A classifier on the backbone's features, sigmoid for 2 classes, softmax for more.
+
+    On a feature map (H, W, C): per-channel standardisation (`stats` = (mean, variance) of the training features),
+    random flips of the map while training (as `horizontal_flip` / `vertical_flip`), then either `conv_layers` 3x3
+    convolutions of `conv_filters` (a small detector for local defects, max- and average-pooled over the map) or,
+    with `conv_filters: 0`, global average pooling. Then dropout, an optional dense layer of `hidden` units,
+    dropout and the output. A flat (D,) feature vector skips the map-only parts."""
     inputs = keras.Input(input_shape, name=f"{name}_features")
-    x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(inputs) if len(input_shape) == 3 else inputs
+    x = inputs
+    if stats is not None:
+        x = keras.layers.Normalization(mean=stats[0], variance=stats[1], name=f"{name}_standardise")(x)
+    if len(input_shape) == 3:
+        mode = {(True, True): "horizontal_and_vertical", (True, False): "horizontal", (False, True): "vertical"}
+        flips = mode.get((p.horizontal_flip, p.vertical_flip))
+        if flips:
+            x = keras.layers.RandomFlip(flips, name=f"{name}_flip")(x)
+        if p.conv_filters:
+            x = keras.layers.SpatialDropout2D(0.1, name=f"{name}_map_dropout")(x)
+            for i in range(p.conv_layers):
+                if i:
+                    x = keras.layers.MaxPooling2D(2, padding="same", name=f"{name}_pool{i}")(x)
+                x = keras.layers.Conv2D(p.conv_filters, 3, padding="same", activation="relu", name=f"{name}_conv{i + 1}")(x)
+            x = keras.layers.Concatenate(name=f"{name}_pool")([keras.layers.GlobalMaxPooling2D(name=f"{name}_max")(x),
+                                                               keras.layers.GlobalAveragePooling2D(name=f"{name}_avg")(x)])
+        else:
+            x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
     if p.hidden:
         x = keras.layers.Dropout(p.dropout, name=f"{name}_dropout_in")(x)
         x = keras.layers.Dense(p.hidden, activation="relu", name=f"{name}_dense")(x)
@@ -53,6 +93,16 @@ def build_head(input_shape, n_classes: int, p: Head, name: str = "head") -> kera
     units, act = (1, "sigmoid") if n_classes == 2 else (n_classes, "softmax")
     outputs = keras.layers.Dense(units, activation=act, name=f"{name}_output", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def feature_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (last axis) mean and variance of features, in float64 chunks (float16 input stays small)."""
+    total, sq, n = 0.0, 0.0, 0
+    for start in range(0, len(x), chunk):
+        a = np.asarray(x[start:start + chunk], np.float64).reshape(-1, x.shape[-1])
+        total, sq, n = total + a.sum(0), sq + (a * a).sum(0), n + len(a)
+    mean = total / n
+    return mean.astype(np.float32), np.maximum(sq / n - mean * mean, 1e-6).astype(np.float32)
 
 
 def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> keras.Model:
@@ -69,13 +119,18 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict | None:
 
 
 class Batches(keras.utils.PyDataset):
-    """float32 batches from uint8 images (memory-mapped or not), reshuffled every epoch when `shuffle`."""
+    """float32 batches from uint8 images (memory-mapped or not), reshuffled every epoch when `shuffle`.
 
-    def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, weights=None, steps=None):
+    With `augment` (a `params.Augment`), every image of a batch is warped on the CPU by `augment.warp_uint8`
+    with fresh random draws (the loader-side twin of the in-model `augment.Augment` layer)."""
+
+    def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, weights=None, steps=None,
+                 augment=None, fill_mode: str = "nearest"):
         super().__init__()
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.weights = None if weights is None else np.array([weights[k] for k in labels], np.float32)
         self.rng, self.order, self.steps = np.random.default_rng(seed), np.arange(len(labels)), steps
+        self.augment, self.fill_mode, self.flip = augment, fill_mode, ()
         self.on_epoch_end()
 
     def __len__(self):
@@ -84,8 +139,19 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         rows = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted reads from the mmap
-        batch = (np.asarray(self.images[rows], np.float32), self.labels[rows])
+        x = np.asarray(self.images[rows])
+        if self.augment is not None:
+            m = augment.random_matrices(len(x), self.augment, x.shape[1], x.shape[2], self.rng.integers(2**31))
+            x = augment.warp_uint8(x.astype(np.uint8, copy=False), m, self.fill_mode)
+        x = x.astype(np.float32)
+        batch = (np.flip(x, self.flip) if self.flip else x, self.labels[rows])
         return batch if self.weights is None else (*batch, self.weights[rows])
+
+    def flipped(self, axes: tuple[int, ...]) -> "Batches":
+        """The same batches (same order, no labels' weights) with every image flipped along `axes`."""
+        out = Batches(self.images, self.labels, self.batch_size, steps=self.steps)
+        out.flip = axes
+        return out
 
     def on_epoch_end(self):
         if self.shuffle:
@@ -116,12 +182,15 @@ def fit(model, train, val, *, epochs, batch_size, patience, class_weight=None, e
     return frame
 
 
-def probabilities(model, x, batch_size: int = 64) -> np.ndarray:
-    """P(class 1) as (N,) for two classes, else (N, C); x is an array or `Batches`."""
+def probabilities(model, x, batch_size: int = 64, flips=((),)) -> np.ndarray:
+    """P(class 1) as (N,) for two classes, else (N, C); x is an array or `Batches`.
+
+    With `flips` (see `flip_axes`), the mean over those flipped copies of every input (test-time augmentation)."""
     if isinstance(x, Batches):
-        prob = np.asarray(model.predict(x, verbose=0), dtype=np.float64)
+        runs = [model.predict(x.flipped(axes), verbose=0) for axes in flips]
     else:
-        prob = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+        runs = [model.predict(np.flip(x, axes) if axes else x, batch_size=batch_size, verbose=0) for axes in flips]
+    prob = np.mean([np.asarray(r, dtype=np.float64) for r in runs], axis=0)
     return prob[:, 0] if prob.shape[1] == 1 else prob
 
 

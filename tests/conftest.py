@@ -28,8 +28,10 @@ TINY_PARAMS = {
     "cache": {"image_size": 48, "workers": 2},
     "backbone": {"name": "small_cnn", "weights": "none"},
     "extract": {"batch_size": 16},
-    "head": {"hidden": 16, "epochs": 6, "batch_size": 8, "patience": 3, "learning_rate": 0.01},
-    "finetune": {"epochs": 1, "batch_size": 8},
+    # the toy classes differ left from right: no left-right flips here (tests of the flips use their own data)
+    "head": {"conv_filters": 8, "hidden": 16, "epochs": 6, "batch_size": 8, "patience": 3, "learning_rate": 0.01,
+             "horizontal_flip": False, "vertical_flip": False},
+    "finetune": {"epochs": 1, "batch_size": 8, "augment": {"horizontal_flip": False}},
     "bagging": {"members": [0, 1]},
     "kfold": {"folds": [0, 1], "epochs": 3},
     "evaluate": {"gate": {"min_accuracy": 0.0, "min_roc_auc": 0.0}},

@@ -180,3 +180,37 @@ def test_uint8_images_come_back_as_float32():
     y = np.asarray(y)
     for i in range(2):
         assert np.allclose(y[i], x[i]) or np.allclose(y[i], x[i, :, ::-1])
+
+
+@pytest.mark.parametrize("fill_mode", augment.FILL_MODES)
+@pytest.mark.parametrize("channels", [3, 1])
+def test_loader_warp_gives_the_layers_pixels(fill_mode, channels):
+    """`warp_uint8` (Pillow, in the CPU loader) and `warp` (keras.ops, in the model) resample alike: the same
+    matrices give the same pixels up to uint8 rounding, borders ("nearest" / "reflect") included."""
+    x = np.random.default_rng(2).integers(0, 256, (8, 20, 24, channels), dtype=np.uint8)
+    m = augment.random_matrices(8, SEEDS_RECIPE, 20, 24, seed=5)
+    expected = np.asarray(augment.warp(x.astype(np.float32), m, fill_mode, "gather"))
+    got = augment.warp_uint8(x, m, fill_mode)
+    assert got.dtype == np.uint8 and got.shape == x.shape
+    assert np.abs(got.astype(np.float32) - expected).max() <= 1.0
+    assert not np.array_equal(got, x)
+
+
+def test_loader_warp_refuses_what_it_cannot_take():
+    m = augment.random_matrices(2, SEEDS_RECIPE, 8, 8, seed=0)
+    with pytest.raises(ValueError, match="uint8"):
+        augment.warp_uint8(np.zeros((2, 8, 8, 3), np.float32), m)
+    with pytest.raises(ValueError, match="fill_mode"):
+        augment.warp_uint8(np.zeros((2, 8, 8, 3), np.uint8), m, "constant")
+
+
+def test_augmenting_loader_keeps_labels_and_draws_anew_each_time():
+    from pipeline import train
+
+    x = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    plain = train.Batches(x, np.arange(6), 3)
+    loader = train.Batches(x, np.arange(6), 3, augment=SEEDS_RECIPE, seed=1)
+    a, ya = loader[0]
+    b, yb = loader[0]
+    assert a.dtype == np.float32 and a.shape == plain[0][0].shape and ya.tolist() == yb.tolist() == [0, 1, 2]
+    assert not np.array_equal(a, plain[0][0]) and not np.array_equal(a, b)

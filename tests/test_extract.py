@@ -31,4 +31,4 @@ def test_default_backbone_features_on_tiny_images():
     base = backbones.build_base("efficientnet_lite0", "default", 32)
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     f = extract.extract(base, images, batch_size=2)
-    assert f.shape == (3, 1, 1, 1280) and np.isfinite(f.astype(np.float32)).all()
+    assert f.shape == (3, 2, 2, 112) and np.isfinite(f.astype(np.float32)).all()  # block5c_add: 1/16, 112 channels

@@ -6,7 +6,7 @@ from pipeline import params
 
 def test_project_params_load():
     p = params.load()
-    assert p.data.source == "elpv" and p.split.ratios == (0.70, 0.25, 0.05)
+    assert p.data.source == "elpv" and p.split.ratios == (0.65, 0.10, 0.25)
     assert p.section("validate") is p.validate_
 
 

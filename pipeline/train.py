@@ -141,7 +141,7 @@ class Batches(keras.utils.PyDataset):
         rows = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])  # sorted reads from the mmap
         x = np.asarray(self.images[rows])
         if self.augment is not None:
-            m = augment.random_matrices(len(x), self.augment, x.shape[1], x.shape[2], self.rng.integers(2**31))
+            m = augment.random_matrices(len(x), self.augment, x.shape[1], x.shape[2], self.rng)
             x = augment.warp_uint8(x.astype(np.uint8, copy=False), m, self.fill_mode)
         x = x.astype(np.float32)
         batch = (np.flip(x, self.flip) if self.flip else x, self.labels[rows])

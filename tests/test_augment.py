@@ -188,7 +188,7 @@ def test_loader_warp_gives_the_layers_pixels(fill_mode, channels):
     """`warp_uint8` (Pillow, in the CPU loader) and `warp` (keras.ops, in the model) resample alike: the same
     matrices give the same pixels up to uint8 rounding, borders ("nearest" / "reflect") included."""
     x = np.random.default_rng(2).integers(0, 256, (8, 20, 24, channels), dtype=np.uint8)
-    m = augment.random_matrices(8, SEEDS_RECIPE, 20, 24, seed=5)
+    m = augment.random_matrices(8, SEEDS_RECIPE, 20, 24, np.random.default_rng(5))
     expected = np.asarray(augment.warp(x.astype(np.float32), m, fill_mode, "gather"))
     got = augment.warp_uint8(x, m, fill_mode)
     assert got.dtype == np.uint8 and got.shape == x.shape
@@ -197,7 +197,7 @@ def test_loader_warp_gives_the_layers_pixels(fill_mode, channels):
 
 
 def test_loader_warp_refuses_what_it_cannot_take():
-    m = augment.random_matrices(2, SEEDS_RECIPE, 8, 8, seed=0)
+    m = augment.random_matrices(2, SEEDS_RECIPE, 8, 8, np.random.default_rng(0))
     with pytest.raises(ValueError, match="uint8"):
         augment.warp_uint8(np.zeros((2, 8, 8, 3), np.float32), m)
     with pytest.raises(ValueError, match="fill_mode"):
@@ -214,3 +214,12 @@ def test_augmenting_loader_keeps_labels_and_draws_anew_each_time():
     b, yb = loader[0]
     assert a.dtype == np.float32 and a.shape == plain[0][0].shape and ya.tolist() == yb.tolist() == [0, 1, 2]
     assert not np.array_equal(a, plain[0][0]) and not np.array_equal(a, b)
+
+
+def test_numpy_matrices_equal_the_backend_ones():
+    """The loader's NumPy draws and matrices follow the layer's formulas exactly."""
+    u = np.random.default_rng(3).random((6, len(augment.DRAWS)), dtype=np.float32)
+    ours = augment.affine_matrices(augment.draws_from_uniform(u, SEEDS_RECIPE, 20, 24, np), 20, 24, xp=np)
+    backend = augment.affine_matrices(augment.draws_from_uniform(keras.ops.convert_to_tensor(u), SEEDS_RECIPE, 20, 24,
+                                                                 keras.ops), 20, 24)
+    np.testing.assert_allclose(ours, np.asarray(backend), rtol=1e-5, atol=1e-4)

@@ -367,9 +367,9 @@ def bench_input(files, labels, source_dir: Path, tmp: Path, args) -> tuple[dict,
 
         return step
 
-    # Where the finetune stage augments by default (`augment_in: auto`): in the loader without an accelerator,
-    # in the model (the `auto` warp method) with one.
-    auto = "loader" if not backend_info()["accelerator"] else augment.resolve_method("auto")
+    # Where the finetune stage augments by default (`augment_in: auto`); in the model, with the `auto` warp method.
+    auto = augment.placement("auto", backend_info()["accelerator"])
+    auto = auto if auto == "loader" else augment.resolve_method("auto")
     candidates = {"cache + loader": ours()}
     if loader_name == "pipeline.train.Batches":
         candidates["cache + loader + augment (loader)"] = ours(augment=p)

@@ -218,6 +218,13 @@ def augment_batch(images, p, seed_generator, fill_mode: str = "nearest", method:
     return warp(images, affine_matrices(draws, h, w), fill_mode=fill_mode, method=method)
 
 
+def placement(augment_in: str, accelerator: bool) -> str:
+    """Where fine-tuning augments: 'model' (the `Augment` layer, inside the compiled step) or 'loader'
+    (`warp_uint8` in the training loader). `augment_in: auto` is the model with an accelerator, else the loader,
+    where the uint8 warp on every core costs less than the in-model kernel."""
+    return augment_in if augment_in != "auto" else ("model" if accelerator else "loader")
+
+
 def random_matrices(n: int, p, height: int, width: int, rng: np.random.Generator):
     """(n, 6) float32 NumPy matrices (see `affine_matrices`) of `n` random draws from `rng`, distributed as the
     layer's, computed in NumPy."""
@@ -233,8 +240,7 @@ def _pool():
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _POOL = ThreadPoolExecutor(max(1, cores), thread_name_prefix="augment")
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="augment")
     return _POOL
 
 

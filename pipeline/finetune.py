@@ -34,9 +34,8 @@ def load_head(backbone: dict) -> keras.Model:
 
 
 def augment_where(p: params.Finetune, device: str) -> str:
-    """'model' (the keras.ops layer, on the accelerator) or 'loader' (Pillow on every CPU core, beside the step):
-    `augment_in: auto` is the loader on a CPU, where it costs a fraction of the in-model warp."""
-    return p.augment_in if p.augment_in != "auto" else ("model" if device == "GPU" else "loader")
+    """'model' or 'loader' for `device` ('GPU' or 'CPU', as `train.device` says): see `augment.placement`."""
+    return augment.placement(p.augment_in, device == "GPU")
 
 
 def build(base: keras.Model, head: keras.Model, p: params.Finetune, seed: int, in_model: bool = True) -> keras.Model:
@@ -76,8 +75,7 @@ def main(argv=None) -> int:
         flips = train.flip_axes(p.augment.horizontal_flip, p.augment.vertical_flip)
         probs = {s: train.probabilities(model, batches[s], flips=flips) for s in ("val", "test")}
         train.save_model(model, "finetune", {**info, "classes": classes, "input": "images",
-                                             "unfreeze_from": unfrozen[0], "tta_flips": [list(a) for a in flips],
-                                             "augment_in": where})
+                                             "unfreeze_from": unfrozen[0], "augment_in": where}, flips)
         train.save_predictions("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         tracking.log_files(run, paths.MODELS / "finetune.json", *train.save_history(history, "finetune"))
     print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "

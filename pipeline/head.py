@@ -39,8 +39,8 @@ def main(argv=None) -> int:
         probs = {s: train.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         train.save_model(model, "head", {**{k: meta[k] for k in ("name", "label", "weights", "cut_layer", "image_size",
                                                                   "classes", "preprocessing")},
-                                         "input": "features", "feature_shape": list(data["train"][0].shape[1:]),
-                                         "tta_flips": [list(a) for a in flips]})
+                                         "input": "features", "feature_shape": list(data["train"][0].shape[1:])},
+                        flips)
         train.save_predictions("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         plots = train.save_history(history, "head")
         tracking.log_files(run, paths.MODELS / "head.json", *plots)

@@ -72,10 +72,9 @@ def build_head(input_shape, n_classes: int, p: Head, name: str = "head", stats=N
     if stats is not None:
         x = keras.layers.Normalization(mean=stats[0], variance=stats[1], name=f"{name}_standardise")(x)
     if len(input_shape) == 3:
-        mode = {(True, True): "horizontal_and_vertical", (True, False): "horizontal", (False, True): "vertical"}
-        flips = mode.get((p.horizontal_flip, p.vertical_flip))
-        if flips:
-            x = keras.layers.RandomFlip(flips, name=f"{name}_flip")(x)
+        mode = "_and_".join(m for m, on in (("horizontal", p.horizontal_flip), ("vertical", p.vertical_flip)) if on)
+        if mode:
+            x = keras.layers.RandomFlip(mode, name=f"{name}_flip")(x)
         if p.conv_filters:
             x = keras.layers.SpatialDropout2D(0.1, name=f"{name}_map_dropout")(x)
             for i in range(p.conv_layers):
@@ -125,12 +124,12 @@ class Batches(keras.utils.PyDataset):
     with fresh random draws (the loader-side twin of the in-model `augment.Augment` layer)."""
 
     def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, weights=None, steps=None,
-                 augment=None, fill_mode: str = "nearest"):
+                 augment=None, fill_mode: str = "nearest", flip: tuple[int, ...] = ()):
         super().__init__()
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
         self.weights = None if weights is None else np.array([weights[k] for k in labels], np.float32)
         self.rng, self.order, self.steps = np.random.default_rng(seed), np.arange(len(labels)), steps
-        self.augment, self.fill_mode, self.flip = augment, fill_mode, ()
+        self.augment, self.fill_mode, self.flip = augment, fill_mode, flip
         self.on_epoch_end()
 
     def __len__(self):
@@ -142,16 +141,14 @@ class Batches(keras.utils.PyDataset):
         x = np.asarray(self.images[rows])
         if self.augment is not None:
             m = augment.random_matrices(len(x), self.augment, x.shape[1], x.shape[2], self.rng)
-            x = augment.warp_uint8(x.astype(np.uint8, copy=False), m, self.fill_mode)
+            x = augment.warp_uint8(x, m, self.fill_mode)
         x = x.astype(np.float32)
         batch = (np.flip(x, self.flip) if self.flip else x, self.labels[rows])
         return batch if self.weights is None else (*batch, self.weights[rows])
 
     def flipped(self, axes: tuple[int, ...]) -> "Batches":
         """The same batches (same order, no labels' weights) with every image flipped along `axes`."""
-        out = Batches(self.images, self.labels, self.batch_size, steps=self.steps)
-        out.flip = axes
-        return out
+        return Batches(self.images, self.labels, self.batch_size, steps=self.steps, flip=axes)
 
     def on_epoch_end(self):
         if self.shuffle:
@@ -200,10 +197,11 @@ def save_predictions(name: str, classes, val: tuple, test: tuple) -> None:
         np.savez(tmp, val_prob=val[0], val_y=val[1], test_prob=test[0], test_y=test[1], classes=np.array(classes))
 
 
-def save_model(model: keras.Model, name: str, meta: dict) -> None:
+def save_model(model: keras.Model, name: str, meta: dict, flips=((),)) -> None:
+    """The model and its JSON, which records the flips its predictions are averaged over (`tta_flips`)."""
     with io.atomic_path(paths.MODELS / f"{name}.keras", suffix=".keras") as tmp:
         model.save(tmp)
-    io.write_json(paths.MODELS / f"{name}.json", meta)
+    io.write_json(paths.MODELS / f"{name}.json", {**meta, "tta_flips": [list(a) for a in flips]})
 
 
 def save_history(history: pd.DataFrame, stage: str) -> list:

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
                                          train.n_classes_of(meta), prm.head, seed, name=f"member_{member}",
                                          callbacks=[tracking.keras_callback(run)], verbose=0)
-        probs = {s: train.probabilities(model, data[s][0], flips=train.head_flips(prm.head)) for s in ("val", "test")}
+        probs = {s: train.probabilities(model, data[s][0], flips=train.flip_axes(prm.head)) for s in ("val", "test")}
         with io.atomic_path(paths.MODELS / "bagging" / f"member_{member}.keras", suffix=".keras") as tmp:
             model.save(tmp)
         train.save_predictions(f"bagging/member_{member}", meta["classes"], (probs["val"], data["val"][1]),

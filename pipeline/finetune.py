@@ -72,7 +72,7 @@ def main(argv=None) -> int:
               f"augmentation in the {where}")
         history = train.fit(model, batches["train"], batches["val"], epochs=p.epochs, batch_size=p.batch_size,
                             patience=max(2, p.epochs), extra_callbacks=[tracking.keras_callback(run)])
-        flips = train.flip_axes(p.augment.horizontal_flip, p.augment.vertical_flip)
+        flips = train.flip_axes(p.augment)
         probs = {s: train.probabilities(model, batches[s], flips=flips) for s in ("val", "test")}
         train.save_model(model, "finetune", {**info, "classes": classes, "input": "images",
                                              "unfreeze_from": unfrozen[0], "augment_in": where}, flips)

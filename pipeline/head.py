@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         train.device()
         model, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
                                     callbacks=[tracking.keras_callback(run)])
-        flips = train.head_flips(prm.head)
+        flips = train.flip_axes(prm.head)
         probs = {s: train.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         train.save_model(model, "head", {**{k: meta[k] for k in ("name", "label", "weights", "cut_layer", "image_size",
                                                                   "classes", "preprocessing")},

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         model, _ = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
                                    (train_xy[0][inner], train_xy[1][inner]), train.n_classes_of(meta), prm.head, prm.seed + fold,
                                    name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
-        prob = train.probabilities(model, held_xy[0], flips=train.head_flips(prm.head))
+        prob = train.probabilities(model, held_xy[0], flips=train.flip_axes(prm.head))
         result = {"fold": fold, **score(held_xy[1], prob),
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:

@@ -42,21 +42,18 @@ def n_classes_of(meta: dict) -> int:
     return len(meta["classes"])
 
 
-def flip_axes(horizontal: bool, vertical: bool) -> tuple[tuple[int, ...], ...]:
+def flip_axes(p) -> tuple[tuple[int, ...], ...]:
     """The flips a model is trained to ignore, as tuples of axes of a (N, H, W, C) batch: always the identity,
-    then left-right (axis 2), up-down (axis 1) and both, as enabled. `probabilities` averages over them."""
+    then left-right (axis 2), up-down (axis 1) and both, as `p.horizontal_flip` / `p.vertical_flip` enable
+    (`p` is the `Head` or the fine-tune's `Augment` params). `probabilities` averages over them."""
     out = [()]
-    if horizontal:
+    if p.horizontal_flip:
         out.append((2,))
-    if vertical:
+    if p.vertical_flip:
         out.append((1,))
-    if horizontal and vertical:
+    if p.horizontal_flip and p.vertical_flip:
         out.append((1, 2))
     return tuple(out)
-
-
-def head_flips(p: Head) -> tuple[tuple[int, ...], ...]:
-    return flip_axes(p.horizontal_flip, p.vertical_flip)
 
 
 def build_head(input_shape, n_classes: int, p: Head, name: str = "head", stats=None) -> keras.Model:

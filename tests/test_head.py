@@ -70,12 +70,12 @@ def test_feature_stats_standardise_per_channel():
 
 
 def test_flip_axes_and_test_time_average():
-    assert train.flip_axes(False, False) == ((),)
-    assert train.flip_axes(True, True) == ((), (2,), (1,), (1, 2))
+    assert train.flip_axes(Head(horizontal_flip=False, vertical_flip=False)) == ((),)
+    assert train.flip_axes(Head(horizontal_flip=True, vertical_flip=True)) == ((), (2,), (1,), (1, 2))
     inputs = keras.Input((4, 4, 1))
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs)))
     x = np.random.default_rng(1).normal(size=(5, 4, 4, 1)).astype(np.float32)
-    flips = train.flip_axes(True, True)
+    flips = train.flip_axes(Head(horizontal_flip=True, vertical_flip=True))
     expected = np.mean([model.predict(np.flip(x, a) if a else x, verbose=0)[:, 0] for a in flips], axis=0)
     np.testing.assert_allclose(train.probabilities(model, x, flips=flips), expected, rtol=1e-5)
     batches = train.Batches(x, np.zeros(5, np.int64), 2)
@@ -97,5 +97,5 @@ def test_conv_head_finds_a_local_spot_wherever_it_is():
     p = Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25,
              horizontal_flip=True, vertical_flip=True)
     model, _ = head.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
-    prob = train.probabilities(model, x[240:], flips=train.head_flips(p))
+    prob = train.probabilities(model, x[240:], flips=train.flip_axes(p))
     assert ((prob >= 0.5) == y[240:]).mean() >= 0.9

@@ -4,24 +4,22 @@
 folder is on `sys.path`: Airflow's DAG bundle puts it there, and the DAG files add it when loaded another way).
 
 Kept light on purpose: a DAG file is parsed again and again by the DAG processor, so nothing here imports
-TensorFlow, Keras, great_expectations, MLflow or DVC. Only the standard library and PyYAML, plus the Airflow SDK
-inside `stage_tasks`. Heavy work happens in the stage subprocesses (`dvc repro --single-item <stage>`), each
+TensorFlow, Keras, great_expectations, MLflow or DVC. Only the standard library, PyYAML and the project's
+dependency-free modules (`pipeline.inventory`, `pipeline.io`), plus the Airflow SDK inside `stage_tasks`. Heavy work happens in the stage subprocesses (`dvc repro --single-item <stage>`), each
 in the project directory with the project's virtualenv first on PATH.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
-import os
 import re
 import shlex
 import sys
-import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import yaml
+
+from pipeline import inventory, io
 
 PROJECT = Path(__file__).resolve().parent.parent
 SOURCE_HASH_FILE = Path("data") / "source_hash.txt"
@@ -139,16 +137,27 @@ def in_project(command: str, outs: list[str], root: Path = PROJECT) -> str:
             f"{command} && echo {shlex.quote(json.dumps(outs))}")
 
 
+WORKSPACE_LOCK = Path(".dvc") / "tmp" / "workspace.lock"
+
+
+def locked(command: str) -> str:
+    """`command` holding the working tree's lock (`flock` on WORKSPACE_LOCK): tasks of both DAGs that use this
+    working tree run one at a time, and the kernel releases the lock when a task dies, even by SIGKILL."""
+    return f"mkdir -p {shlex.quote(str(WORKSPACE_LOCK.parent))} && flock {shlex.quote(str(WORKSPACE_LOCK))} {command}"
+
+
 def stage_command(target: str, outs: list[str], root: Path = PROJECT, force: bool = False) -> str:
-    """Run one DVC stage (or foreach instance, `bagging@0`) alone; `--wait-for-lock` because parallel tasks
-    share the repository lock for a moment at start and end (DVC releases it while the stage's command runs)."""
-    return in_project(f"dvc --wait-for-lock repro --single-item {'--force ' if force else ''}{shlex.quote(target)}",
-                      outs, root)
+    """Run one DVC stage (or foreach instance, `bagging@0`) alone, under the working tree's lock (`locked`);
+    `--wait-for-lock` as well, for a `dvc` run by hand beside the DAGs."""
+    return in_project(locked(f"dvc --wait-for-lock repro --single-item {'--force ' if force else ''}"
+                             f"{shlex.quote(target)}"), outs, root)
 
 
 STAGE_ENV = {
-    # One MLflow parent run per Airflow run: pipeline.tracking reads this; a retried task replaces its nested run.
+    # One MLflow parent run per Airflow run: pipeline.tracking reads this; a retried task adds a nested run.
     "PIPELINE_RUN_ID": "{{ run_id }}",
+    # Registration is the DAG's own `register` task, not a side effect of the evaluate stage.
+    "PIPELINE_REGISTER": "off",
     "PYTHONUNBUFFERED": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
@@ -198,53 +207,30 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None,
     return first, last
 
 
+def register_task(root: Path = PROJECT):
+    """The `register` task: the selected model into the registry if it passes the gate and beats the registered
+    version on the current test split (`python -m pipeline.tracking register --if-better`; succeeds either way)."""
+    from airflow.sdk import task
+
+    @task.bash(task_id="register", **{**bash_kwargs(root), "env": {k: v for k, v in STAGE_ENV.items()
+                                                                     if k != "PIPELINE_REGISTER"}})
+    def register() -> str:
+        return in_project(locked("python -m pipeline.tracking register --if-better"), [], root)
+
+    return register()
+
+
 # ---------------------------------------------------------------------------------------------------- data hash
 
 def data_source(params: dict, root: Path = PROJECT) -> Path:
     """The folder (or CSV manifest) the split stage reads: `data.path`, or the installed ELPV package's data."""
-    data = params.get("data") or {}
-    if data.get("source", "elpv") == "elpv":
-        import importlib.util
-
-        spec = importlib.util.find_spec("elpv_dataset")  # locates the package without importing it
-        if spec is None or not spec.origin:
-            raise FileNotFoundError("the elpv-dataset package is not installed: run `make setup`")
-        return Path(spec.origin).parent / "data"
-    if not data.get("path"):
-        raise FileNotFoundError(f"data.path is not set in params.yaml (data.source: {data.get('source')})")
-    path = Path(data["path"]).expanduser()
-    return path if path.is_absolute() else root / path
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return inventory.source_path(params.get("data") or {}, root)
 
 
 def content_hash(source: Path) -> str:
     """SHA-256 over (relative path, content hash) of every non-hidden file: renames, edits, additions and
     removals all change it; timestamps do not. A CSV manifest hashes itself plus the files it lists."""
-    if source.is_file():
-        base = source.resolve().parent
-        with open(source, newline="") as f:
-            listed = [row["path"] for row in csv.DictReader(f) if row.get("path")]
-        files = [(source.name, source)] + [(p, (base / p).resolve()) for p in sorted(set(listed))]
-    elif source.is_dir():
-        files = []
-        for dirpath, dirnames, filenames in os.walk(source):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [(os.path.relpath(os.path.join(dirpath, f), source), Path(dirpath, f))
-                      for f in filenames if not f.startswith(".")]
-        files.sort()
-    else:
-        raise FileNotFoundError(f"data source '{source}' not found: check data.path in params.yaml")
-    total = hashlib.sha256()
-    for rel, path in files:
-        total.update(f"{Path(rel).as_posix()}\0{_file_digest(path)}\n".encode())
-    return total.hexdigest()
+    return inventory.fingerprint(source, content=True)
 
 
 def recorded_hash(root: Path = PROJECT) -> str | None:
@@ -254,14 +240,5 @@ def recorded_hash(root: Path = PROJECT) -> str | None:
 
 def record_hash(value: str, root: Path = PROJECT) -> Path:
     """Write the state file atomically (temp file beside it, then rename)."""
-    target = root / SOURCE_HASH_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    io.write_text(root / SOURCE_HASH_FILE, value + "\n")
+    return root / SOURCE_HASH_FILE

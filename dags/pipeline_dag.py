@@ -12,8 +12,12 @@ dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
   `airflow pools set gpu <schedule.gpu_slots> "..."`, so at most that many of them share the accelerator.
   Each stage logs whether it runs on GPU or CPU.
 - Retries: params.yaml `schedule.retries`, exponential backoff from 1 minute (capped at 30).
+- Working tree: every task holds the tree's lock (`_common.locked`), so runs of this DAG and of
+  `retrain_on_new_data` never work in it at the same time.
+- Registry: the last task, `register`, registers the model evaluate selected on validation if it passes
+  `evaluate.gate` and beats the registered version on the current test split.
 - MLflow: every task gets `PIPELINE_RUN_ID` = the Airflow run id, so the run's stages become nested runs of one
-  parent run, and a retried task replaces its nested run. `MLFLOW_TRACKING_URI`, when set in the Airflow
+  parent run, and a retried task adds a nested run (the failed try stays, marked FAILED). `MLFLOW_TRACKING_URI`, when set in the Airflow
   worker's environment, reaches the stages too; otherwise they use params.yaml `tracking.uri`.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from airflow.sdk import DAG
 
 if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
     sys.path.append(_here)  # Airflow's DAG bundles add it; a bare DagBag (tests) does not
-from _common import START_DATE, default_args, load_params, schedule, stage_tasks  # noqa: E402
+from _common import START_DATE, default_args, load_params, register_task, schedule, stage_tasks  # noqa: E402
 
 params = load_params()
 
@@ -35,9 +39,10 @@ with DAG(
     schedule=schedule(params)["cron"],
     start_date=START_DATE,
     catchup=False,
-    max_active_runs=1,  # runs share one working tree
+    max_active_runs=1,
     default_args=default_args(params),
     doc_md=__doc__,
     tags=["transfer-learning", "dvc"],
 ):
-    stage_tasks(params=params)
+    _, last = stage_tasks(params=params)
+    last >> register_task()

@@ -1,5 +1,6 @@
 """Bagging stage, one DVC stage instance per member: a head trained on a bootstrap resample of the training
-features. The evaluate stage combines the members by mean probability and reports each member and the ensemble.
+features, saved as `models/bagging/member_<i>.keras` (a head on feature maps) with its JSON, predictions and
+history. The `ensemble` stage puts the members that params name behind one backbone as `models/bagging.keras`.
 """
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import argparse
 
 import numpy as np
 
-from pipeline import head, io, params, paths, tracking, train
+from pipeline import head, io, lineage, models, params, paths, tracking, train
 
 
 def bootstrap(n: int, fraction: float, seed: int) -> np.ndarray:
     """Row indices drawn with replacement: round(fraction * n) of them."""
     return np.random.default_rng(seed).integers(0, n, size=max(1, round(fraction * n)))
+
+
+def member_name(member: int) -> str:
+    return f"bagging/member_{member}"
 
 
 def main(argv=None) -> int:
@@ -25,15 +30,20 @@ def main(argv=None) -> int:
     seed = prm.seed + 1000 * (member + 1)
     rows = np.sort(bootstrap(len(data["train"][1]), prm.bagging.sample_fraction, seed))
     section = {"head": prm.head.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member}
+    name = member_name(member)
     with tracking.stage_run(f"bagging@{member}", section) as run:
         model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
                                          train.n_classes_of(meta), prm.head, seed, name=f"member_{member}",
                                          callbacks=[tracking.keras_callback(run)], verbose=0)
-        probs = {s: train.probabilities(model, data[s][0], flips=train.flip_axes(prm.head)) for s in ("val", "test")}
-        with io.atomic_path(paths.MODELS / "bagging" / f"member_{member}.keras", suffix=".keras") as tmp:
-            model.save(tmp)
-        train.save_predictions(f"bagging/member_{member}", meta["classes"], (probs["val"], data["val"][1]),
-                               (probs["test"], data["test"][1]))
+        flips = train.flip_axes(prm.head)
+        probs = {s: train.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
+        models.save(model, name, {
+            "name": name, "input": "features", "classes": meta["classes"], "member": member, "seed": seed,
+            "threshold": models.choose_threshold(data["val"][1], probs["val"]), "image_size": meta["image_size"],
+            "backbone": head.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
+            "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows)))})
+        train.save_predictions(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
+        tracking.log_files(run, models.meta_path(name), *train.save_history(history, name))
         if run:
             run.log_metric("unique_rows", len(np.unique(rows)))
     print(f"bagging member {member}: {len(np.unique(rows))} unique of {len(rows)} resampled rows, "

@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline import io, params, paths
+from pipeline import io, params, paths, tracking
 
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -78,13 +78,17 @@ def main(argv=None) -> int:
     table = pd.read_csv(paths.SPLIT_TABLE, keep_default_na=False)
     report = io.read_json(paths.VALIDATE_REPORT)
     summary = io.read_json(paths.SPLIT_SUMMARY)
-    splits = build(table, set(report.get("skipped", [])), p.image_size, p.workers)
-    index = []
-    for split, (images, labels, rows) in splits.items():
-        io.save_pair(paths.CACHE_DIR / split, images, labels)
-        index.append(rows.assign(split=split, row=np.arange(len(rows)), label=labels))
-    io.write_csv(paths.CACHE_DIR / "index.csv", pd.concat(index)[["split", "row", "path", "label", "fold"]])
-    io.write_json(paths.CACHE_DIR / "meta.json", {"image_size": p.image_size, "classes": summary["classes"]})
+    with tracking.stage_run("cache", p.model_dump()) as run:
+        splits = build(table, set(report.get("skipped", [])), p.image_size, p.workers)
+        index = []
+        with io.atomic_dir(paths.CACHE_DIR) as out:  # the pairs, index and meta appear together
+            for split, (images, labels, rows) in splits.items():
+                io.save_pair(out / split, images, labels)
+                index.append(rows.assign(split=split, row=np.arange(len(rows)), label=labels))
+            io.write_csv(out / "index.csv", pd.concat(index)[["split", "row", "path", "label", "fold"]])
+            io.write_json(out / "meta.json", {"image_size": p.image_size, "classes": summary["classes"]})
+        if run:
+            run.log_metrics({f"n_{s}": len(v[0]) for s, v in splits.items()})
     print("cache: " + ", ".join(f"{s} {len(v[0])}" for s, v in splits.items()) + f" images at {p.image_size} px")
     return 0
 

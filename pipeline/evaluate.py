@@ -1,9 +1,15 @@
-"""Evaluate stage: test-split metrics for every model, with the decision threshold chosen on validation.
+"""Evaluate stage: every model scored on validation and test; the model handed over is chosen on validation only.
 
-Reads the probabilities the model stages wrote (the bagging ensemble is the mean of its members), writes
-`metrics/evaluate.json` ({model: {accuracy, precision, recall, f1, roc_auc, log_loss, ...}}), the K-fold summary,
-ROC / confusion / calibration plots as PNG and as data for `dvc plots`, then offers the best model to the gated
-MLflow registry (registered only if it passes `evaluate.gate` and beats the registered version on this test split).
+For each model in `evaluate.models` it reads the probabilities its stage wrote (`data/predictions/<name>.npz`) and
+the decision threshold its stage chose on validation (the JSON beside the model), and scores both splits at that
+threshold. The selected model is the best on validation (`SELECTED_BY`); test figures are reported for every model
+and used for nothing. `metrics/evaluate.json`:
+
+    {"selected": name, "selected_by": "...", "models": {name: {"threshold": t, "val": {...}, "test": {...}}}}
+
+with accuracy, precision, recall, F1, ROC AUC, log loss, confusion matrix and n per split (bagging also lists its
+members). Then the K-fold summary over exactly the folds params name, ROC / confusion / calibration plots (PNG for
+every model, CSV of the selected one for `dvc plots`), and the selected model offered to the gated MLflow registry.
 """
 from __future__ import annotations
 
@@ -11,43 +17,24 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import io, params, paths, tracking
+from pipeline import bagging, ensemble, io, models, params, paths, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
+SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
 
 
 def load_predictions(name: str) -> dict:
-    """{val_prob, val_y, test_prob, test_y, classes[, members]}; bagging averages its members."""
-    if name != "bagging":
-        with np.load(paths.PREDICTIONS_DIR / f"{name}.npz") as f:
-            return dict(f)
-    files = sorted((paths.PREDICTIONS_DIR / "bagging").glob("member_*.npz"))
-    if not files:
-        raise FileNotFoundError(f"no bagging members in {paths.PREDICTIONS_DIR / 'bagging'}: run `dvc repro bagging`")
-    members = [dict(np.load(f)) for f in files]
-    out = {k: members[0][k] for k in ("val_y", "test_y", "classes")}
-    for split in ("val", "test"):
-        out[f"{split}_prob"] = np.mean([m[f"{split}_prob"] for m in members], axis=0)
-    out["members"] = members
-    return out
-
-
-def predict_labels(prob: np.ndarray, threshold: float) -> np.ndarray:
-    return (prob >= threshold).astype(int) if prob.ndim == 1 else prob.argmax(1)
-
-
-def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
-    """The validation threshold with the best accuracy (ties: the one nearest 0.5); argmax for several classes."""
-    if prob.ndim > 1:
-        return float("nan")
-    candidates = np.unique(np.concatenate([prob, [0.5]]))
-    acc = np.array([(predict_labels(prob, t) == y).mean() for t in candidates])
-    best = candidates[acc == acc.max()]
-    return float(best[np.argmin(np.abs(best - 0.5))])
+    """{val_prob, val_y, test_prob, test_y, classes} that model `name`'s stage wrote."""
+    file = paths.PREDICTIONS_DIR / f"{name}.npz"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: model '{name}' (evaluate.models in params.yaml) has not been "
+                                f"trained; run `dvc repro`")
+    with np.load(file) as f:
+        return dict(f)
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
-    pred = predict_labels(prob, threshold)
+    pred = models.labels(prob, threshold)
     binary = prob.ndim == 1
     avg = "binary" if binary else "macro"
     both = len(np.unique(y)) > 1
@@ -58,22 +45,35 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
         "f1": float(skm.f1_score(y, pred, average=avg, zero_division=0)),
         "roc_auc": float(skm.roc_auc_score(y, prob, multi_class="ovr")) if both else float("nan"),
         "log_loss": float(skm.log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=np.arange(2 if binary else prob.shape[1]))),
-        "threshold": threshold,
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=np.arange(2 if binary else prob.shape[1])).tolist(),
-        "n_test": int(len(y)),
+        "n": int(len(y)),
     }
 
 
-def evaluate(predictions: dict[str, dict]) -> dict:
+def evaluate(predictions: dict[str, dict], thresholds: dict[str, float] | None = None) -> dict:
+    """{name: {"threshold", "val", "test"}}; a model's threshold is its recorded one, else chosen on validation."""
     results = {}
     for name, pr in predictions.items():
-        t = choose_threshold(pr["val_y"], pr["val_prob"])
-        results[name] = score(pr["test_y"], pr["test_prob"], t)
-        if "members" in pr:
-            results[name]["members"] = [
-                {k: v for k, v in score(m["test_y"], m["test_prob"], choose_threshold(m["val_y"], m["val_prob"])).items()
-                 if k in ("accuracy", "roc_auc", "log_loss")} for m in pr["members"]]
+        t = (thresholds or {}).get(name)
+        t = models.choose_threshold(pr["val_y"], pr["val_prob"]) if t is None else t
+        results[name] = {"threshold": t, **{s: score(pr[f"{s}_y"], pr[f"{s}_prob"], t) for s in ("val", "test")}}
     return results
+
+
+def select(results: dict) -> str:
+    """The model handed over, by `SELECTED_BY`: reads validation figures only."""
+    return max(results, key=lambda m: (results[m]["val"]["accuracy"], -results[m]["val"]["log_loss"]))
+
+
+def member_scores(members: list[int]) -> list[dict]:
+    """Each bagging member's accuracy and ROC AUC on val and test, at its own validation threshold."""
+    out = []
+    for m in members:
+        pr = ensemble.load_member_predictions(m)
+        t = models.threshold_of(models.read_meta(bagging.member_name(m)))
+        out.append({"member": m, **{f"{s}_{k}": score(pr[f"{s}_y"], pr[f"{s}_prob"], t)[k]
+                                    for s in ("val", "test") for k in ("accuracy", "roc_auc")}})
+    return out
 
 
 def kfold_summary(files) -> dict:
@@ -88,7 +88,7 @@ def kfold_summary(files) -> dict:
 
 
 def plot(predictions: dict, results: dict, best: str) -> list:
-    """PNG figures for every model, and CSV data of the best one for `dvc plots`."""
+    """PNG figures for every model (test split, for the report), and CSV data of the selected one for `dvc plots`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +99,8 @@ def plot(predictions: dict, results: dict, best: str) -> list:
     fig, (roc_ax, cal_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, pr in binary.items():
         fpr, tpr, _ = skm.roc_curve(pr["test_y"], pr["test_prob"])
-        roc_ax.plot(fpr, tpr, label=f"{name} (AUC {results[name]['roc_auc']:.3f})")
+        mark = " (selected)" if name == best else ""
+        roc_ax.plot(fpr, tpr, label=f"{name}{mark} (AUC {results[name]['test']['roc_auc']:.3f})")
         frac, mean = calibration_curve(pr["test_y"], pr["test_prob"], n_bins=10, strategy="quantile")
         cal_ax.plot(mean, frac, marker="o", label=name)
     roc_ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -112,12 +113,12 @@ def plot(predictions: dict, results: dict, best: str) -> list:
     classes = [str(c) for c in next(iter(predictions.values()))["classes"]]
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
-        skm.ConfusionMatrixDisplay(np.array(res["confusion_matrix"]), display_labels=classes).plot(ax=ax, colorbar=False)
-        ax.set_title(f"{name}: accuracy {res['accuracy']:.3f}")
+        skm.ConfusionMatrixDisplay(np.array(res["test"]["confusion_matrix"]), display_labels=classes).plot(ax=ax, colorbar=False)
+        ax.set_title(f"{name}{' (selected)' if name == best else ''}: test accuracy {res['test']['accuracy']:.3f}")
     fig.tight_layout()
     files.append(_save(fig, PLOTS / "confusion.png"))
     pr = predictions[best]
-    pred = predict_labels(pr["test_prob"], results[best]["threshold"])
+    pred = models.labels(pr["test_prob"], results[best]["threshold"])
     io.write_csv(PLOTS / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in pr["test_y"]],
                                                         "predicted": [classes[i] for i in pred]}))
     if best in binary:
@@ -138,25 +139,33 @@ def _save(fig, path):
 
 
 def main(argv=None) -> int:
-    p = params.load().evaluate
+    prm = params.load()
+    p = prm.evaluate
     predictions = {m: load_predictions(m) for m in p.models}
-    results = evaluate(predictions)
-    best = max(results, key=lambda m: (results[m]["accuracy"], results[m]["roc_auc"]))
-    kfold = kfold_summary((paths.METRICS / "kfold").glob("fold_*.json"))
+    results = evaluate(predictions, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
+    if "bagging" in results:
+        results["bagging"]["members"] = member_scores(list(prm.bagging.members))
+    selected = select(results)
+    kfold = kfold_summary([paths.METRICS / "kfold" / f"fold_{k}.json" for k in prm.kfold.folds])
+    report = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
     with tracking.stage_run("evaluate", p.model_dump()) as run:
-        io.write_json(paths.METRICS / "evaluate.json", results)
+        io.write_json(paths.METRICS / "evaluate.json", report)
         io.write_json(paths.METRICS / "kfold.json", kfold)
-        figures = plot(predictions, results, best)
+        figures = plot(predictions, results, selected)
         if run:
-            run.log_metrics({f"{m}_{k}": v for m, r in results.items() for k, v in r.items() if isinstance(v, float)})
+            run.set_tag("selected", selected)
+            run.log_metrics({f"{m}_{s}_{k}": v for m, r in results.items() for s in ("val", "test")
+                             for k, v in r[s].items() if isinstance(v, float)})
             run.log_metrics({f"kfold_{k}": v for k, v in kfold.items()})
             tracking.log_files(run, paths.METRICS / "evaluate.json", *figures)
     for name, r in results.items():
-        print(f"evaluate {name:9s} accuracy {r['accuracy']:.4f}  ROC AUC {r['roc_auc']:.4f}  F1 {r['f1']:.4f}  "
-              f"log loss {r['log_loss']:.4f}  threshold {r['threshold']:.3f}  (n={r['n_test']})")
+        print(f"evaluate {name:9s}{' *' if name == selected else '  '} val accuracy {r['val']['accuracy']:.4f}  "
+              f"test accuracy {r['test']['accuracy']:.4f}  ROC AUC {r['test']['roc_auc']:.4f}  "
+              f"log loss {r['test']['log_loss']:.4f}  threshold {r['threshold']:.3f}  (n={r['test']['n']})")
+    print(f"evaluate: selected {selected} by {SELECTED_BY}")
     if kfold["folds"]:
         print(f"evaluate kfold: accuracy {kfold['accuracy_mean']:.4f} ± {kfold['accuracy_std']:.4f} over {kfold['folds']} folds")
-    if tracking.enabled():
+    if tracking.registering():
         print(tracking.register(if_better=True))
     return 0
 

@@ -30,16 +30,17 @@ def main(argv=None) -> int:
         device = train.device()
         base = backbones.build_base(bb.name, bb.weights, size, bb.cut_layer)
         shapes = {}
-        for split in paths.SPLITS:
-            images, labels = io.load_pair(paths.CACHE_DIR / split)
-            features = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split}")
-            assert len(features) == len(labels) == len(images), f"{split}: features and labels are misaligned"
-            io.save_pair(paths.FEATURES_DIR / split, features, labels)
-            shapes[split] = list(features.shape)
-        info = {**backbones.describe(bb.name, bb.weights, bb.cut_layer, size), "dtype": p.dtype, "shapes": shapes,
-                "classes": meta["classes"], "device": device}
-        io.write_json(paths.FEATURES_DIR / "meta.json", info)
-        io.write_text(paths.FEATURES_DIR / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
+        with io.atomic_dir(paths.FEATURES_DIR) as out:  # every split's pair, meta and index appear together
+            for split in paths.SPLITS:
+                images, labels = io.load_pair(paths.CACHE_DIR / split)
+                features = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split}")
+                assert len(features) == len(labels) == len(images), f"{split}: features and labels are misaligned"
+                io.save_pair(out / split, features, labels)
+                shapes[split] = list(features.shape)
+            info = {**backbones.describe(bb.name, bb.weights, bb.cut_layer, size), "dtype": p.dtype, "shapes": shapes,
+                    "classes": meta["classes"], "device": device}
+            io.write_json(out / "meta.json", info)
+            io.write_text(out / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
         if run:
             run.log_params({"label": info["label"], "cut_layer": info["cut_layer"], "device": device})
     print(f"extract: {info['label']} at {info['cut_layer']}: " + ", ".join(f"{s} {v}" for s, v in shapes.items()))

@@ -4,33 +4,36 @@ The augmentation runs in the training loader on a CPU (Pillow, every core, uint8
 model on a GPU (`augment_in`); both draw the same random affine warps (`pipeline.augment`).
 
 Phase order is enforced: the head stage must have trained a head on this backbone's features first (fine-tuning
-under a random head wrecks the pretrained weights). BatchNorm layers stay in inference mode, the learning rate is
-low, and the training images are reshuffled every epoch.
+under a random head wrecks the pretrained weights); fine-tuning starts from that model's own backbone and head.
+BatchNorm layers stay in inference mode, the learning rate is low, and the training images are reshuffled every
+epoch. The delivered `models/finetune.keras` is image-in like every model (`pipeline.models`), without the
+augmentation, its predictions averaged over the flips it was trained with.
 """
 from __future__ import annotations
 
 import keras
 
-from pipeline import augment, backbones, io, params, paths, tracking, train
+from pipeline import augment, backbones, io, lineage, models, params, paths, tracking, train
 
-MATCHING_KEYS = ("name", "weights", "cut_layer", "image_size")
+MATCHING_KEYS = ("name", "weights", "cut_layer")
 
 
 class PhaseOrderError(RuntimeError):
     """Fine-tuning was asked for before a matching head was trained."""
 
 
-def load_head(backbone: dict) -> keras.Model:
-    """The trained head from the head stage, checked to belong to `backbone` (name, weights, cut layer, size)."""
-    model_file, meta_file = paths.MODELS / "head.keras", paths.MODELS / "head.json"
-    if not model_file.exists() or not meta_file.exists():
-        raise PhaseOrderError(f"{model_file} not found: fine-tuning needs a trained head first (run `dvc repro head`)")
-    meta = io.read_json(meta_file)
-    wrong = {k: (meta.get(k), backbone[k]) for k in MATCHING_KEYS if meta.get(k) != backbone[k]}
+def load_head(backbone: dict, image_size: int):
+    """(features, head) of the head stage's model, checked to belong to `backbone` (name, weights, cut layer, size)."""
+    if not models.path("head").exists() or not models.meta_path("head").exists():
+        raise PhaseOrderError(f"{models.path('head')} not found: fine-tuning needs a trained head first (run `dvc repro head`)")
+    model, meta = models.load("head")
+    now = {**{k: backbone[k] for k in MATCHING_KEYS}, "image_size": image_size}
+    was = {**{k: meta["backbone"].get(k) for k in MATCHING_KEYS}, "image_size": meta["image_size"]}
+    wrong = {k: (was[k], now[k]) for k in now if was[k] != now[k]}
     if wrong:
-        raise PhaseOrderError(f"{model_file} was trained for another base ({wrong}, head vs now): "
+        raise PhaseOrderError(f"{models.path('head')} was trained for another base ({wrong}, head vs now): "
                               "rerun `dvc repro head` before fine-tuning")
-    return keras.saving.load_model(model_file)
+    return model.get_layer("features"), model.get_layer("classifier").get_layer("head")
 
 
 def augment_where(p: params.Finetune, device: str) -> str:
@@ -51,13 +54,12 @@ def main(argv=None) -> int:
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
     size, classes = meta["image_size"], meta["classes"]
     info = backbones.describe(bb.name, bb.weights, bb.cut_layer, size)
-    head = load_head(info)
+    base, head = load_head(info, size)
     with tracking.stage_run("finetune", {"backbone": bb.model_dump(), "finetune": p.model_dump(), "seed": prm.seed}) as run:
         device = train.device()
         if p.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16" if device == "GPU" else "mixed_bfloat16")
         keras.utils.set_random_seed(prm.seed)
-        base = backbones.build_base(bb.name, bb.weights, size, bb.cut_layer)
         unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
         where = augment_where(p, device)
         model = train.compile_for(build(base, head, p, prm.seed, in_model=where == "model"), len(classes), p.learning_rate)
@@ -67,17 +69,21 @@ def main(argv=None) -> int:
                                     weights=weights if s == "train" else None,
                                     steps=p.steps_per_epoch if s == "train" else None,
                                     augment=p.augment if s == "train" and where == "loader" else None)
-                   for s in paths.SPLITS}
+                   for s in ("train", "val")}
         print(f"finetune: {len(unfrozen)} layers unfrozen from '{unfrozen[0]}' (BatchNorm stays frozen); "
               f"augmentation in the {where}")
         history = train.fit(model, batches["train"], batches["val"], epochs=p.epochs, batch_size=p.batch_size,
                             patience=max(2, p.epochs), extra_callbacks=[tracking.keras_callback(run)])
         flips = train.flip_axes(p.augment)
-        probs = {s: train.probabilities(model, batches[s], flips=flips) for s in ("val", "test")}
-        train.save_model(model, "finetune", {**info, "classes": classes, "input": "images",
-                                             "unfreeze_from": unfrozen[0], "augment_in": where}, flips)
+        delivered = models.compose(base, [head], image_flips=flips, name="finetune")
+        probs = {s: models.predict(delivered, data[s][0], p.batch_size) for s in ("val", "test")}
+        models.save(delivered, "finetune", models.meta_for(
+            "finetune", classes=classes, threshold=models.choose_threshold(data["val"][1], probs["val"]),
+            image_size=size, backbone={k: info[k] for k in ("name", "label", "weights", "cut_layer")},
+            image_flips=flips, map_flips=[()], lineage=lineage.describe("finetune"),
+            unfreeze_from=unfrozen[0], augment_in=where))
         train.save_predictions("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        tracking.log_files(run, paths.MODELS / "finetune.json", *train.save_history(history, "finetune"))
+        tracking.log_files(run, models.meta_path("finetune"), *train.save_history(history, "finetune"))
     print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "
           f"{history.loc[history['val_loss'].idxmin(), 'val_accuracy']:.4f}")
     return 0

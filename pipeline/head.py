@@ -3,14 +3,17 @@
 A small convolutional detector on the standardised map (or plain global pooling), max- and average-pooled,
 dropout and a sigmoid (softmax for more than two classes); the maps are randomly flipped while training and the
 predictions averaged over the same flips (`train.flip_axes`). Balanced class weights, shuffled batches, seeded;
-EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau. It writes the model (taking feature
-maps), its metadata, validation and test probabilities, the history and learning curves.
+EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau.
+
+It writes the image-in model `models/head.keras` (the frozen backbone, the head and the flip averaging in one file,
+see `pipeline.models`) with its JSON (threshold chosen on validation), validation and test probabilities, the
+history and learning curves.
 """
 from __future__ import annotations
 
 import keras
 
-from pipeline import io, params, paths, tracking, train
+from pipeline import backbones, io, lineage, models, params, paths, tracking, train
 from pipeline.params import Head
 
 
@@ -26,6 +29,16 @@ def train_head(train_xy, val_xy, n_classes: int, p: Head, seed: int, name: str =
     return model, history
 
 
+def backbone_of(meta: dict) -> dict:
+    """The backbone part of a features meta.json, as model JSONs record it."""
+    return {k: meta[k] for k in ("name", "label", "weights", "cut_layer")}
+
+
+def features_model(meta: dict):
+    """The frozen backbone the features in `meta` (features/meta.json) came from."""
+    return backbones.build_base(meta["name"], meta["weights"], meta["image_size"], meta["cut_layer"])
+
+
 def main(argv=None) -> int:
     prm = params.load()
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
@@ -33,17 +46,18 @@ def main(argv=None) -> int:
     n_classes = train.n_classes_of(meta)
     with tracking.stage_run("head", {"head": prm.head.model_dump(), "seed": prm.seed}) as run:
         train.device()
-        model, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
-                                    callbacks=[tracking.keras_callback(run)])
+        head, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
+                                   callbacks=[tracking.keras_callback(run)])
         flips = train.flip_axes(prm.head)
-        probs = {s: train.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
-        train.save_model(model, "head", {**{k: meta[k] for k in ("name", "label", "weights", "cut_layer", "image_size",
-                                                                  "classes", "preprocessing")},
-                                         "input": "features", "feature_shape": list(data["train"][0].shape[1:])},
-                        flips)
+        probs = {s: train.probabilities(head, data[s][0], flips=flips) for s in ("val", "test")}
+        model = models.compose(features_model(meta), [head], map_flips=flips, name="head")
+        models.save(model, "head", models.meta_for(
+            "head", classes=meta["classes"], threshold=models.choose_threshold(data["val"][1], probs["val"]),
+            image_size=meta["image_size"], backbone=backbone_of(meta), image_flips=[()], map_flips=flips,
+            lineage=lineage.describe("head"), feature_shape=list(data["train"][0].shape[1:])))
         train.save_predictions("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         plots = train.save_history(history, "head")
-        tracking.log_files(run, paths.MODELS / "head.json", *plots)
+        tracking.log_files(run, models.meta_path("head"), *plots)
     best = history.loc[history["val_loss"].idxmin()]
     print(f"head: best epoch {int(best['epoch'])}, val_loss {best['val_loss']:.4f}, val_accuracy {best['val_accuracy']:.4f}")
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from pipeline import head, io, params, paths, tracking, train
+from pipeline import head, io, models, params, paths, tracking, train
 
 
 def fold_data(fold: int):
@@ -31,7 +31,7 @@ def fold_data(fold: int):
 
 
 def score(y: np.ndarray, prob: np.ndarray) -> dict:
-    pred = (prob >= 0.5).astype(int) if prob.ndim == 1 else prob.argmax(1)
+    pred = models.labels(prob, 0.5)
     auc = roc_auc_score(y, prob, multi_class="ovr") if len(np.unique(y)) > 1 else float("nan")
     return {"accuracy": float(accuracy_score(y, pred)), "roc_auc": float(auc)}
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     order = np.random.default_rng(prm.seed + fold).permutation(len(train_xy[1]))
     inner, fit_rows = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10):]
     with tracking.stage_run(f"kfold@{fold}", {"head": prm.head.model_dump(), "epochs": prm.kfold.epochs}) as run:
-        model, _ = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
+        model, history = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
                                    (train_xy[0][inner], train_xy[1][inner]), train.n_classes_of(meta), prm.head, prm.seed + fold,
                                    name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
         prob = train.probabilities(model, held_xy[0], flips=train.flip_axes(prm.head))
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:
             run.log_metrics({k: result[k] for k in ("accuracy", "roc_auc")})
+        tracking.log_files(run, *train.save_history(history, f"kfold/fold_{fold}"))
     io.write_json(paths.METRICS / "kfold" / f"fold_{fold}.json", result)
     print(f"kfold {fold}: accuracy {result['accuracy']:.4f}, ROC AUC {result['roc_auc']:.4f}")
     return 0

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 DATA = Path("data")
+SOURCE_INDEX = DATA / "source_index.csv"
 SPLIT_TABLE = DATA / "split.csv"
 SPLIT_SUMMARY = DATA / "split_summary.json"
 VALIDATE_DIR = DATA / "validate"

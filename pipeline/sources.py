@@ -3,10 +3,14 @@
 Manifest columns: path, class_name, label, sha256, width, height, mode, decodable, error, then the source's own
 columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`: orig_split).
 Every file is hashed and fully decoded once here, in parallel, so validate can judge it without decoding again.
+A symlink that leads outside the data root is not followed: its row says so in `error` (`inventory.OUTSIDE_ROOT`).
+
+As the `sources` stage (`python -m pipeline.sources`, run on every `dvc repro`), it lists the source's files
+(path, size, modification time) in `data/source_index.csv`; split depends on that list, so adding, removing or
+changing an image reruns split and whatever its new table changes.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -15,10 +19,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import io
+from pipeline import inventory, io, params, paths
+from pipeline.inventory import IMAGE_EXTENSIONS
 from pipeline.params import Data
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 ELPV_CLASSES = ["functional", "defective"]
 
@@ -28,7 +32,7 @@ class SourceError(ValueError):
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
 def _existing_dir(path: str | None, what: str) -> Path:
@@ -39,10 +43,10 @@ def _existing_dir(path: str | None, what: str) -> Path:
 
 
 def elpv_rows(p: Data) -> pd.DataFrame:
-    spec = importlib.util.find_spec("elpv_dataset")
-    if spec is None or not spec.origin:
-        raise SourceError("the elpv-dataset package is not installed: run `make setup`")
-    root = Path(spec.origin).parent / "data"
+    try:
+        root = inventory.elpv_root()
+    except FileNotFoundError as e:
+        raise SourceError(str(e)) from None
     table = pd.read_csv(root / "labels.csv", sep=r"\s+", header=None, names=["file", "probability", "type"])
     defective = table["probability"] >= p.elpv_threshold
     return pd.DataFrame({
@@ -100,9 +104,13 @@ def csv_rows(p: Data) -> pd.DataFrame:
 READERS = {"elpv": elpv_rows, "folder": folder_rows, "kaggle": kaggle_rows, "csv": csv_rows}
 
 
-def inspect(path: str) -> dict:
-    """Hash the bytes and decode the image fully; never raises (a bad file is reported, not fatal)."""
+def inspect(path: str, root: Path | None = None) -> dict:
+    """Hash the bytes and decode the image fully; never raises (a bad file is reported, not fatal). A path whose
+    symlinks lead outside `root` is not opened at all."""
     info = {"sha256": "", "width": 0, "height": 0, "mode": "", "decodable": False, "error": ""}
+    if root is not None and not inventory.inside(path, root):
+        info["error"] = f"{inventory.OUTSIDE_ROOT}: {path} leads to {Path(path).resolve()}, which is not followed"
+        return info
     try:
         info["sha256"] = io.sha256_file(path)
         with Image.open(path) as im:
@@ -114,6 +122,11 @@ def inspect(path: str) -> dict:
     return info
 
 
+def root_of(p: Data) -> Path:
+    """The folder the source's images must stay inside (symlinks leading elsewhere are not followed)."""
+    return inventory.data_root(inventory.source_path(p.model_dump()))
+
+
 def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
     """Return the manifest (sorted by path) and the class names in label order."""
     table = READERS[p.source](p)
@@ -122,11 +135,30 @@ def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
     classes = ELPV_CLASSES if p.source == "elpv" else sorted(table["class_name"].unique())
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     workers = workers or os.cpu_count() or 1
+    roots = [root_of(p)] * len(table)
     with ProcessPoolExecutor(workers) as pool:
-        infos = list(tqdm(pool.map(inspect, table["path"], chunksize=16), total=len(table),
+        infos = list(tqdm(pool.map(inspect, table["path"], roots, chunksize=16), total=len(table),
                           desc="ingest: hash + decode", unit="img"))
     info = pd.DataFrame(infos)
     table.insert(1, "label", table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(int))
     front = ["path", "class_name", "label"]
     table = pd.concat([table[front], info, table.drop(columns=front)], axis=1)
     return table, classes
+
+
+def main(argv=None) -> int:
+    """The `sources` stage: list the data source's files in data/source_index.csv (no decoding)."""
+    data = params.load().data
+    try:
+        rows = inventory.listing(inventory.source_path(data.model_dump()))
+    except FileNotFoundError as e:
+        raise SourceError(str(e)) from None
+    io.write_csv(paths.SOURCE_INDEX, pd.DataFrame(rows, columns=["path", "state"]))
+    outside = sum(r["state"] == inventory.OUTSIDE_ROOT for r in rows)
+    print(f"sources: {len(rows)} files listed in {paths.SOURCE_INDEX}"
+          + (f" ({outside} symlinks outside the data root, not followed)" if outside else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

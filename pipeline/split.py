@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline import io, params, paths, sources
+from pipeline import io, params, paths, sources, tracking
 from pipeline.params import Split
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -107,11 +107,16 @@ def summarize(table: pd.DataFrame, classes: list[str], p: Split, source: str) ->
 
 def main(argv=None) -> int:
     prm = params.load()
-    table, classes = sources.ingest(prm.data)
-    table = assign(table, classes, prm.split, prm.seed)
-    summary = summarize(table, classes, prm.split, prm.data.source)
-    io.write_csv(paths.SPLIT_TABLE, table)
-    io.write_json(paths.SPLIT_SUMMARY, summary)
+    with tracking.stage_run("split", {"data": prm.data.model_dump(), "split": prm.split.model_dump(),
+                                      "seed": prm.seed}) as run:
+        table, classes = sources.ingest(prm.data)
+        table = assign(table, classes, prm.split, prm.seed)
+        summary = summarize(table, classes, prm.split, prm.data.source)
+        io.write_csv(paths.SPLIT_TABLE, table)
+        io.write_json(paths.SPLIT_SUMMARY, summary)
+        if run:
+            run.log_metrics({f"n_{s}": sum(c.values()) for s, c in summary["counts"].items()})
+            tracking.log_files(run, paths.SPLIT_SUMMARY)
     print(f"split: {len(table)} images, classes {classes}: " +
           ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items()))
     return 0

@@ -1,27 +1,41 @@
 """MLflow: one parent run per pipeline run, one nested run per stage, and the gated model registry.
 
-The only module that imports mlflow. The parent run is found by its `pipeline_run_id` tag: Airflow sets
-PIPELINE_RUN_ID to its run id, `make run` to a timestamp; plain `dvc repro` derives one from params.yaml, so the
-stages of one configuration share a parent. A stage that reruns under the same parent replaces its nested run.
+With `pipeline.serving` (the model's pyfunc), the only module that imports mlflow. The parent run is found by its
+`pipeline_run_id` tag: Airflow sets PIPELINE_RUN_ID to its run id, `make run` to a timestamp; plain `dvc repro`
+derives one from params.yaml, so the stages of one configuration share a parent.
 
-CLI: `python -m pipeline.tracking register [--if-better]` registers the best evaluated model if it passes
-`evaluate.gate` (and, with --if-better, beats the registered version on the same test split).
+- History is never rewritten: a stage that reruns adds a nested run beside the old one.
+- The parent's status follows its stages: FAILED while the latest run of any stage failed, FINISHED otherwise.
+- Every run carries its lineage (`pipeline.lineage`: git commit, split table hash, dvc.lock hash of its inputs) as
+  tags, and the split table as an MLflow dataset input (the runs table's Dataset column).
+- The experiment is marked as model training, so the UI opens on its runs.
+
+CLI: `python -m pipeline.tracking register [--if-better]` registers the model evaluate selected (on validation)
+if it passes `evaluate.gate` and, with --if-better, scores better than the registered version on the current test
+split (both loaded as pyfunc models, scored on the same images).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
+import math
 import os
 from pathlib import Path
 
-from pipeline import io, params, paths
+from pipeline import io, lineage, params, paths
 
 DISABLE_ENV = "PIPELINE_TRACKING"  # set to "off" to run stages without MLflow
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI lands on runs, not GenAI traces
 
 
 def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "on").lower() not in {"off", "0", "false"}
+
+
+def registering() -> bool:
+    """Does the evaluate stage register? Not when tracking is off, nor under Airflow (its own `register` task)."""
+    return enabled() and os.environ.get("PIPELINE_REGISTER", "on").lower() not in {"off", "0", "false"}
 
 
 def pipeline_run_id() -> str:
@@ -31,24 +45,48 @@ def pipeline_run_id() -> str:
     return f"params-{digest}"
 
 
+def tracking_uri(t: params.Tracking) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", t.uri)
+
+
 def _setup(t: params.Tracking):
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", t.uri))
+    mlflow.set_tracking_uri(tracking_uri(t))
+    client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(t.experiment)
     if exp is None:
         artifacts = Path("mlartifacts").resolve().as_uri()
-        exp_id = mlflow.create_experiment(t.experiment, artifact_location=artifacts)
+        exp_id = mlflow.create_experiment(t.experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     else:
         exp_id = exp.experiment_id
-    return mlflow, mlflow.MlflowClient(), exp_id
+        for k, v in EXPERIMENT_KIND.items():
+            if exp.tags.get(k) != v:
+                client.set_experiment_tag(exp_id, k, v)
+    return mlflow, client, exp_id
 
 
 def _parent(client, exp_id: str, rid: str) -> str:
     found = client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role = 'parent'", max_results=1)
     if found:
         return found[0].info.run_id
-    return client.create_run(exp_id, run_name=f"pipeline {rid}", tags={"pipeline_run_id": rid, "role": "parent"}).info.run_id
+    tags = {"pipeline_run_id": rid, "role": "parent", **_lineage_tags(lineage.describe())}
+    return client.create_run(exp_id, run_name=f"pipeline {rid}", tags=tags).info.run_id
+
+
+def _lineage_tags(info: dict) -> dict:
+    return {f"lineage.{k}": str(v) for k, v in info.items() if v is not None}
+
+
+def _settle_parent(client, exp_id: str, rid: str, parent: str) -> str:
+    """FAILED while the latest run of any stage of this pipeline run failed, else FINISHED; returns the status."""
+    latest = {}
+    for r in client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role = 'stage'",
+                                order_by=["attributes.start_time ASC"]):
+        latest[r.data.tags.get("stage")] = r.info.status
+    status = "FAILED" if "FAILED" in latest.values() else "FINISHED"
+    client.set_terminated(parent, status=status)
+    return status
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -59,25 +97,45 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _log_split_dataset(mlflow, stage: str) -> None:
+    """The split table as the run's dataset input (name `split`, digest = its content)."""
+    if not paths.SPLIT_TABLE.exists():
+        return
+    import pandas as pd
+
+    table = pd.read_csv(paths.SPLIT_TABLE, keep_default_na=False)
+    dataset = mlflow.data.from_pandas(table, source=str(paths.SPLIT_TABLE.resolve()), name="split", targets="label")
+    mlflow.log_input(dataset, context=stage)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, section: dict | None = None):
-    """Open the nested MLflow run of `stage` (yields the mlflow module, or None when tracking is off)."""
+    """Open a nested MLflow run for `stage` (yields the mlflow module, or None when tracking is off).
+
+    An exception inside marks the run, and so the parent, FAILED; `fail()` does the same for a stage that ends
+    with an error code instead."""
     if not enabled():
         yield None
         return
     mlflow, client, exp_id = _setup(params.load().tracking)
     rid = pipeline_run_id()
     parent = _parent(client, exp_id, rid)
-    for old in client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.stage = '{stage}'"):
-        client.delete_run(old.info.run_id)  # a rerun replaces its nested run
-    tags = {"stage": stage, "pipeline_run_id": rid, "mlflow.parentRunId": parent}
+    tags = {"stage": stage, "role": "stage", "pipeline_run_id": rid, "mlflow.parentRunId": parent,
+            **_lineage_tags(lineage.describe(stage))}
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags):
             if section:
                 mlflow.log_params({k: str(v)[:500] for k, v in flatten(section).items()})
+            _log_split_dataset(mlflow, stage)
             yield mlflow
     finally:
-        client.set_terminated(parent)  # the parent spans its stages: finished as of the latest one
+        _settle_parent(client, exp_id, rid, parent)
+
+
+def fail(mlflow) -> None:
+    """Mark the open stage run FAILED (for a stage that reports failure by its exit code)."""
+    if mlflow is not None:
+        mlflow.end_run("FAILED")
 
 
 def keras_callback(mlflow):
@@ -100,49 +158,92 @@ def log_files(mlflow, *files, artifact_path: str | None = None) -> None:
             mlflow.log_artifact(str(f), artifact_path=artifact_path)
 
 
-def _test_split_id() -> str:
-    return io.sha256_file(paths.CACHE_DIR / "test_y.npy")[:16] + io.sha256_file(paths.CACHE_DIR / "index.csv")[:16]
+# ------------------------------------------------------------------------------------------------ registry
+
+def gate_failures(scores: dict, gate: params.Gate) -> list[str]:
+    """Why `scores` fail the gate (empty: it passes). A missing or NaN metric fails."""
+    out = []
+    for key, minimum in (("accuracy", gate.min_accuracy), ("roc_auc", gate.min_roc_auc)):
+        value = scores.get(key)
+        if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+            out.append(f"{key} is {'missing' if value is None else value}")
+        elif value < minimum:
+            out.append(f"{key} {value:.4f} < {minimum}")
+    return out
+
+
+def current_test_split():
+    """(images uint8 (N,S,S,3), true class names) of the current cache's test split."""
+    import numpy as np
+
+    x, y = io.load_pair(paths.CACHE_DIR / "test")
+    classes = io.read_json(paths.CACHE_DIR / "meta.json")["classes"]
+    return x, np.array(classes, dtype=object)[y]
+
+
+def _accuracy(pyfunc_model, images, truth) -> float:
+    import numpy as np
+
+    return float(np.mean(pyfunc_model.predict(images)["label"].to_numpy() == truth))
+
+
+def latest_version(client, name: str):
+    versions = client.search_model_versions(f"name = '{name}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def register(if_better: bool = False) -> str:
-    """Log the best evaluated single-file model with the keras flavour; register it if it passes the gate."""
+    """Log the model evaluate selected as a pyfunc (`pipeline.serving`); register it if it passes the gate on its
+    validation figures and, with `if_better`, beats the registered version on the current test split."""
+    from pipeline import models, serving
+
     prm = params.load()
-    metrics = io.read_json(paths.METRICS / "evaluate.json")
-    candidates = {m: v for m, v in metrics.items() if (paths.MODELS / f"{m}.keras").exists()}
-    if not candidates:
-        return "no evaluated model file to register"
-    best = max(candidates, key=lambda m: (candidates[m]["accuracy"], candidates[m]["roc_auc"]))
-    score, gate = candidates[best], prm.evaluate.gate
-    if score["accuracy"] < gate.min_accuracy or score["roc_auc"] < gate.min_roc_auc:
-        return (f"not registered: {best} has accuracy {score['accuracy']:.4f}, ROC AUC {score['roc_auc']:.4f}; "
-                f"the gate asks {gate.min_accuracy} and {gate.min_roc_auc} (evaluate.gate)")
+    report = io.read_json(paths.METRICS / "evaluate.json")
+    name = report.get("selected")
+    if not name or name not in report.get("models", {}):
+        return f"not registered: {paths.METRICS / 'evaluate.json'} names no selected model (rerun `dvc repro evaluate`)"
+    scores = report["models"][name]
+    failures = gate_failures(scores["val"], prm.evaluate.gate)
+    if failures:
+        return (f"not registered: {name} fails evaluate.gate on validation: {'; '.join(failures)} "
+                f"(the gate asks accuracy >= {prm.evaluate.gate.min_accuracy}, ROC AUC >= {prm.evaluate.gate.min_roc_auc})")
     mlflow, client, exp_id = _setup(prm.tracking)
-    split_id, name = _test_split_id(), prm.tracking.register_as
-    if if_better:
-        for v in client.search_model_versions(f"name = '{name}'"):
-            old = client.get_run(v.run_id)
-            if old.data.tags.get("test_split") == split_id and old.data.metrics.get("test_accuracy", -1) >= score["accuracy"]:
-                return f"not registered: version {v.version} already has test accuracy {old.data.metrics['test_accuracy']:.4f}"
-    import keras
-
-    from pipeline import augment  # noqa: F401 - registers the augmentation layer a fine-tuned model holds
-
-    model = keras.saving.load_model(paths.MODELS / f"{best}.keras", compile=False)
+    registered_as = prm.tracking.register_as
+    comparison = {}
+    if if_better and (current := latest_version(client, registered_as)) is not None:
+        images, truth = current_test_split()
+        old = mlflow.pyfunc.load_model(f"models:/{registered_as}/{current.version}")
+        new_acc, old_acc = _accuracy(serving.local(models.path(name)), images, truth), _accuracy(old, images, truth)
+        comparison = {"compared_with_version": current.version, "current_test_accuracy_new": new_acc,
+                      "current_test_accuracy_registered": old_acc, "current_test_n": len(truth)}
+        if new_acc <= old_acc:
+            return (f"not registered: version {current.version} scores {old_acc:.4f} on the current test split "
+                    f"({len(truth)} images), {name} {new_acc:.4f}")
     rid = pipeline_run_id()
-    tags = {"stage": "register", "pipeline_run_id": rid, "test_split": split_id, "model": best,
-            "mlflow.parentRunId": _parent(client, exp_id, rid)}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"register {best}", tags=tags):
-        mlflow.log_metrics({f"test_{k}": float(v) for k, v in score.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(paths.MODELS / f"{best}.json"))
-        info = mlflow.keras.log_model(model, name="model", registered_model_name=name)
-    return f"registered {best} as '{name}' (accuracy {score['accuracy']:.4f}, ROC AUC {score['roc_auc']:.4f}): {info.model_uri}"
+    info = lineage.describe("evaluate")
+    tags = {"stage": "register", "role": "register", "pipeline_run_id": rid, "model": name,
+            "selected_by": report.get("selected_by", ""), "mlflow.parentRunId": _parent(client, exp_id, rid),
+            **_lineage_tags(info)}
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"register {name}", tags=tags):
+        mlflow.log_metrics({f"{split}_{k}": float(v) for split in ("val", "test")
+                            for k, v in scores[split].items() if isinstance(v, (int, float))})
+        if comparison:
+            mlflow.log_metrics({k: float(v) for k, v in comparison.items() if k != "compared_with_version"})
+        logged = serving.log_model(mlflow, models.path(name), registered_model_name=registered_as)
+    version = latest_version(client, registered_as)
+    for k, v in {**_lineage_tags(info), "model": name, "selected_by": report.get("selected_by", ""),
+                 "val_accuracy": f"{scores['val']['accuracy']:.4f}", "test_accuracy": f"{scores['test']['accuracy']:.4f}"}.items():
+        client.set_model_version_tag(registered_as, version.version, k, v)
+    return (f"registered {name} as '{registered_as}' version {version.version} (val accuracy "
+            f"{scores['val']['accuracy']:.4f}, test {scores['test']['accuracy']:.4f}): {logged.model_uri}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.tracking", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    reg = sub.add_parser("register", help="register the best evaluated model if it passes evaluate.gate")
-    reg.add_argument("--if-better", action="store_true", help="only if it beats the registered version on this test split")
+    reg = sub.add_parser("register", help="register the selected model if it passes evaluate.gate")
+    reg.add_argument("--if-better", action="store_true",
+                     help="only if it beats the registered version on the current test split")
     args = ap.parse_args(argv)
     print(register(if_better=args.if_better))
     return 0

@@ -15,7 +15,7 @@ import sys
 
 import pandas as pd
 
-from pipeline import io, params, paths
+from pipeline import inventory, io, params, paths, tracking
 
 SPLIT_VALUES = (*paths.SPLITS, "unused")
 NOT_NULL = ("path", "class_name", "label", "split", "decodable")
@@ -114,6 +114,8 @@ def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dic
         for path in filter(None, e["files"]):
             r = t.loc[t["path"] == path].iloc[0]
             error = r["error"] if isinstance(r.get("error"), str) and r["error"] else "no error recorded"
+            if error.startswith(inventory.OUTSIDE_ROOT):  # not read at all: say so, not "undecodable"
+                reasons.setdefault(path, error)
             reasons.setdefault(path, f"undecodable: {error}" if e["column"] == "decodable" else
                                f"{r['width']}x{r['height']} px, below validate.min_side {p.min_side}")
     kept = t[~t["path"].isin(list(reasons))].copy()
@@ -172,8 +174,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"validate: {paths.SPLIT_TABLE}: {e}", file=sys.stderr)
         return 1
-    io.write_json(paths.VALIDATE_REPORT, report)
-    io.write_text(paths.VALIDATE_SUMMARY, summary_md(report))
+    with tracking.stage_run("validate", p.model_dump()) as run:
+        io.write_json(paths.VALIDATE_REPORT, report)
+        io.write_text(paths.VALIDATE_SUMMARY, summary_md(report))
+        if run:
+            run.log_metrics({"n_images": report["n_images"], "n_kept": report["n_kept"],
+                             "n_skipped": len(report["skipped"]), "n_duplicate_groups": len(report["duplicates"]),
+                             "success": float(report["success"])})
+            tracking.log_files(run, paths.VALIDATE_REPORT, paths.VALIDATE_SUMMARY)
+            if not report["success"]:
+                tracking.fail(run)
     met = sum(e["success"] for e in report["expectations"])
     print(f"validate: {'passed' if report['success'] else 'FAILED'}, {met}/{len(report['expectations'])} expectations "
           f"met; {report['n_kept']}/{report['n_images']} images kept, {len(report['skipped'])} skipped, "

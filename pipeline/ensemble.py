@@ -1,0 +1,59 @@
+"""Ensemble stage: the bagging members that `bagging.members` names, behind one frozen backbone, as the image-in
+model `models/bagging.keras` (mean of the members' probabilities, each averaged over its flips; `pipeline.models`).
+
+Exactly the members params name are read: a member dropped from params is not averaged in, even if its files are
+still on disk. The threshold is chosen on the validation probabilities of the mean, like every model's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import bagging, head, io, lineage, models, params, paths, tracking, train
+
+NAME = "bagging"
+
+
+def combine(members: list[dict]) -> dict:
+    """The mean of the members' prediction files ({val_prob, val_y, test_prob, test_y, classes})."""
+    out = {k: members[0][k] for k in ("val_y", "test_y", "classes")}
+    for m in members[1:]:
+        if not all(np.array_equal(m[k], out[k]) for k in ("val_y", "test_y")):
+            raise ValueError("bagging members were scored on different rows: rerun `dvc repro bagging`")
+    for split in ("val", "test"):
+        out[f"{split}_prob"] = np.mean([m[f"{split}_prob"] for m in members], axis=0)
+    return out
+
+
+def load_member_predictions(member: int) -> dict:
+    file = paths.PREDICTIONS_DIR / f"{bagging.member_name(member)}.npz"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: bagging member {member} (bagging.members in params.yaml) has not "
+                                f"been trained; run `dvc repro bagging@{member}`")
+    with np.load(file) as f:
+        return dict(f)
+
+
+def main(argv=None) -> int:
+    prm = params.load()
+    members = list(prm.bagging.members)
+    meta = io.read_json(paths.FEATURES_DIR / "meta.json")
+    with tracking.stage_run("ensemble", {"members": members}) as run:
+        heads, flips = [], None
+        for m in members:
+            model, member_meta = models.load(bagging.member_name(m))
+            heads.append(model)
+            flips = [tuple(a) for a in member_meta["tta_flips"]["features"]]
+        pred = combine([load_member_predictions(m) for m in members])
+        model = models.compose(head.features_model(meta), heads, map_flips=flips, name=NAME)
+        models.save(model, NAME, models.meta_for(
+            NAME, classes=meta["classes"], threshold=models.choose_threshold(pred["val_y"], pred["val_prob"]),
+            image_size=meta["image_size"], backbone=head.backbone_of(meta), image_flips=[()], map_flips=flips,
+            lineage=lineage.describe("ensemble"), members=[bagging.member_name(m) for m in members]))
+        train.save_predictions(NAME, meta["classes"], (pred["val_prob"], pred["val_y"]), (pred["test_prob"], pred["test_y"]))
+        tracking.log_files(run, models.meta_path(NAME))
+    print(f"ensemble: {len(members)} bagging members -> {models.path(NAME)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Model files: where a model lives, how it is composed, saved and loaded, and how its probabilities become labels.
+
+Every model the pipeline can hand over (head, finetune, the bagging ensemble, any later ensemble) is one image-in
+Keras file, `models/<name>.keras`: raw RGB pixels (uint8 or float 0..255, shape (N, S, S, 3), any batch) in,
+class probabilities out ((N, 1) sigmoid for two classes, (N, C) softmax otherwise). Inside, always the same shape:
+
+    image --[Flip(a) for each test-time image flip a]--> features --> classifier --> mean over the flips
+
+- `features`: the backbone up to its cut layer, preprocessing included (a nested model named "features");
+- `classifier`: a nested model from the feature map to probabilities; it averages over the feature-map flips the
+  head was trained with and, for an ensemble, over its members.
+
+Beside it, `models/<name>.json`: classes, the decision threshold chosen on validation, image size, backbone,
+flips, and the data and code it came from (`pipeline.lineage`). Heads trained on features (a bagging member) are
+saved the same way with `"input": "features"`; only image-in models are handed over.
+
+Everything else (head, finetune, bagging, ensemble, evaluate, tracking, predict, serving) calls this module instead
+of building paths or loading files on its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from pipeline import io, paths  # noqa: E402
+
+SUFFIX = ".keras"
+
+
+# ------------------------------------------------------------------------------------------------ decisions
+
+def labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class indices from probabilities: P(class 1) >= threshold for two classes, argmax for more."""
+    prob = np.asarray(prob)
+    return (prob >= threshold).astype(int) if prob.ndim == 1 else prob.argmax(1)
+
+
+def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
+    """The validation threshold with the best accuracy (ties: the one nearest 0.5); NaN (argmax) for several classes."""
+    prob = np.asarray(prob)
+    if prob.ndim > 1:
+        return float("nan")
+    candidates = np.unique(np.concatenate([prob, [0.5]]))
+    acc = np.array([(labels(prob, t) == y).mean() for t in candidates])
+    best = candidates[acc == acc.max()]
+    return float(best[np.argmin(np.abs(best - 0.5))])
+
+
+def threshold_of(meta: dict) -> float:
+    """The recorded decision threshold (0.5 when none, or NaN for an argmax model)."""
+    t = meta.get("threshold")
+    return 0.5 if t is None or (isinstance(t, float) and np.isnan(t)) else float(t)
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+def path(name: str) -> Path:
+    """`models/<name>.keras` for a model name such as 'head' or 'bagging/member_0'; a path is returned as is."""
+    p = Path(name)
+    return p if p.suffix == SUFFIX else paths.MODELS / f"{name}{SUFFIX}"
+
+
+def meta_path(name: str) -> Path:
+    return path(name).with_suffix(".json")
+
+
+def read_meta(name: str) -> dict:
+    file = meta_path(name)
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: it is written beside the model by the stage that trained it "
+                                f"(rerun that stage, e.g. `dvc repro`)")
+    return io.read_json(file)
+
+
+def custom_objects() -> dict:
+    """Every custom layer a model file of this project may hold."""
+    from pipeline import augment
+
+    return {"Flip": Flip, "Augment": augment.Augment}
+
+
+def save(model, name: str, meta: dict) -> Path:
+    """Write the model and its JSON atomically (the JSON last, so a reader never sees new metadata on an old model)."""
+    target = path(name)
+    with io.atomic_path(target, suffix=SUFFIX) as tmp:
+        model.save(tmp)
+    io.write_json(meta_path(name), meta)
+    return target
+
+
+def load(name: str):
+    """(model, meta) for a model name or `.keras` path; the model is ready to predict (not compiled)."""
+    file = path(name)
+    meta = read_meta(str(file))
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found beside {meta_path(str(file))}: rerun the stage that trains it")
+    try:
+        model = keras.saving.load_model(file, custom_objects=custom_objects(), compile=False)
+    except Exception as e:  # a truncated or foreign file: say which and what to do
+        raise ValueError(f"{file} cannot be loaded as a Keras model ({str(e).splitlines()[0][:200]}): "
+                         f"rerun the stage that wrote it") from None
+    return model, meta
+
+
+def meta_for(name: str, *, classes, threshold: float, image_size: int, backbone: dict, image_flips, map_flips,
+             lineage: dict, **extra) -> dict:
+    """The JSON beside an image-in model (one layout for every model)."""
+    return {"name": name, "input": "images", "classes": list(classes), "threshold": threshold,
+            "image_size": image_size, "backbone": backbone,
+            "tta_flips": {"image": [list(a) for a in image_flips], "features": [list(a) for a in map_flips]},
+            "lineage": lineage, **extra}
+
+
+# ------------------------------------------------------------------------------------------------ composition
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Flip(keras.layers.Layer):
+    """Flip a (N, H, W, C) batch along `axes` (1: up-down, 2: left-right); () is the identity."""
+
+    def __init__(self, axes=(), **kwargs):
+        super().__init__(**kwargs)
+        self.axes = tuple(int(a) for a in axes)
+
+    def call(self, x):
+        return ops.flip(x, self.axes) if self.axes else x
+
+    def get_config(self):
+        return {**super().get_config(), "axes": list(self.axes)}
+
+
+def _flip_mean(inputs, fn, flips, name: str):
+    """mean over `flips` of fn(flip(inputs)); just fn(inputs) without flips."""
+    flips = [tuple(a) for a in flips] or [()]
+    outs = [fn(Flip(a, name=f"{name}_flip_{'_'.join(map(str, a)) or 'none'}")(inputs)) for a in flips]
+    return outs[0] if len(outs) == 1 else keras.layers.Average(name=f"{name}_mean")(outs)
+
+
+def classifier(heads, map_flips=((),), name: str = "classifier"):
+    """Feature map -> probabilities: the mean over `heads` (one, or an ensemble's members) and over `map_flips`."""
+    heads = list(heads)
+    inputs = keras.Input(heads[0].input_shape[1:], name="feature_map")
+    outs = [_flip_mean(inputs, h, map_flips, name=f"{h.name}") for h in heads]
+    out = outs[0] if len(outs) == 1 else keras.layers.Average(name="members_mean")(outs)
+    return keras.Model(inputs, out, name=name)
+
+
+def compose(features, heads, *, map_flips=((),), image_flips=((),), name: str = "model"):
+    """The image-in model: mean over `image_flips` of classifier(features(flip(image)))."""
+    features = keras.Model(features.inputs, features.outputs, name="features") if features.name != "features" else features
+    clf = classifier(heads, map_flips)
+    inputs = keras.Input(features.input_shape[1:], name="image")
+    return keras.Model(inputs, _flip_mean(inputs, lambda x: clf(features(x)), image_flips, name="image"), name=name)
+
+
+def predict(model, images, batch_size: int = 32) -> np.ndarray:
+    """P(class 1) as (N,) for two classes, else (N, C), from an image-in model on uint8 or float images."""
+    prob = np.asarray(model.predict(np.asarray(images), batch_size=batch_size, verbose=0), np.float64)
+    return prob[:, 0] if prob.shape[1] == 1 else prob
+
+
+def table(prob: np.ndarray, classes, threshold: float):
+    """The prediction table of `predict` and the pyfunc: `probability` (P(class 1) for two classes, else the top
+    class's) and `label`."""
+    import pandas as pd
+
+    prob = np.asarray(prob, np.float64)
+    names = np.array(list(classes), dtype=object)
+    top = prob if prob.ndim == 1 else prob.max(1)
+    return pd.DataFrame({"probability": top.round(6), "label": names[labels(prob, threshold)]})

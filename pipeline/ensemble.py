@@ -38,12 +38,12 @@ def main(argv=None) -> int:
     members = list(prm.bagging.members)
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
     with tracking.stage_run("ensemble", {"members": members}) as run:
+        pred = combine([load_member_predictions(m) for m in members])  # names a member that was never trained
         heads, flips = [], None
         for m in members:
             model, member_meta = models.load(bagging.member_name(m))
             heads.append(model)
             flips = [tuple(a) for a in member_meta["tta_flips"]["features"]]
-        pred = combine([load_member_predictions(m) for m in members])
         model = models.compose(head.features_model(meta), heads, map_flips=flips, name=NAME)
         models.save(model, NAME, models.meta_for(
             NAME, classes=meta["classes"], threshold=models.choose_threshold(pred["val_y"], pred["val_prob"]),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_stages, set_params
-from pipeline import backbones, finetune, io, paths
+from pipeline import backbones, finetune, io, models, paths, train
 
 
 def test_refuses_to_start_without_a_trained_head(trained_copy):
@@ -15,7 +15,7 @@ def test_refuses_to_start_without_a_trained_head(trained_copy):
 
 def test_refuses_a_head_trained_for_another_base(trained_copy):
     meta = io.read_json(paths.MODELS / "head.json")
-    io.write_json(paths.MODELS / "head.json", {**meta, "cut_layer": "block3_pool"})
+    io.write_json(paths.MODELS / "head.json", {**meta, "backbone": {**meta["backbone"], "cut_layer": "block3_pool"}})
     with pytest.raises(finetune.PhaseOrderError, match="another base"):
         run_stages("finetune")
 
@@ -32,18 +32,39 @@ def test_unfreezes_from_the_named_layer_and_keeps_batchnorm_frozen():
         backbones.unfreeze_from(base, "nope", "efficientnet_lite0")
 
 
+def test_unfrozen_weights_change_while_batchnorm_statistics_do_not():
+    """One real fine-tuning fit: a layer above `unfreeze_from` learns; BatchNorm's moving statistics (and the
+    frozen layers below) stay exactly as they were, because the base runs in inference mode."""
+    from pipeline.params import Finetune, Head
+
+    keras.utils.set_random_seed(0)
+    base = backbones.build_base("efficientnet_lite0", "default", 32)
+    head = train.build_head(base.output_shape[1:], 2, Head(conv_filters=4, horizontal_flip=False))
+    backbones.unfreeze_from(base, "block5a_expand_conv", "efficientnet_lite0")
+    before = {l.name: [w.copy() for w in l.get_weights()] for l in base.layers if l.weights}
+    model = train.compile_for(finetune.build(base, head, Finetune(), seed=0, in_model=False), 2, 1e-2)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (16, 32, 32, 3)).astype(np.float32), np.array([0, 1] * 8)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    changed = {n for n, ws in before.items()
+               if any(not np.array_equal(a, b) for a, b in zip(ws, base.get_layer(n).get_weights()))}
+    assert "block5a_expand_conv" in changed and "block5c_project_conv" in changed
+    bn = [l.name for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bn and not changed & set(bn), sorted(changed & set(bn))  # moving mean/variance (and gamma/beta) fixed
+    assert "stem_conv" not in changed and "block4a_expand_conv" not in changed  # below the unfreeze point
+
+
 @pytest.mark.parametrize("where", ["model", "loader"])
 def test_stage_trains_under_the_head(trained_copy, where):
-    head = keras.saving.load_model(paths.MODELS / "head.keras")
-    before = [w.copy() for w in head.get_weights()]
+    head_model, _ = models.load("head")
+    before = [w.copy() for w in head_model.get_layer("classifier").get_layer("head").get_weights()]
     set_params({"finetune": {"epochs": 2, "augment_in": where}})
     run_stages("finetune")
-    model = keras.saving.load_model(paths.MODELS / "finetune.keras")
-    assert ([l.name for l in model.layers][1] == "augment") == (where == "model")  # else the loader augments
-    assert io.read_json(paths.MODELS / "finetune.json")["augment_in"] == where
-    tuned_head = model.layers[-1]
-    assert tuned_head.name == "head" and any(not np.allclose(a, b) for a, b in zip(before, tuned_head.get_weights()))
-    meta = io.read_json(paths.MODELS / "finetune.json")
+    model, meta = models.load("finetune")
+    assert meta["augment_in"] == where  # augmented in the model or by the loader while training ...
+    assert "augment" not in [l.name for l in model.layers]  # ... never in the delivered model
+    tuned_head = model.get_layer("classifier").get_layer("head")
+    assert any(not np.allclose(a, b) for a, b in zip(before, tuned_head.get_weights()))
     assert meta["input"] == "images" and meta["unfreeze_from"] == "block1_conv"
     with np.load(paths.PREDICTIONS_DIR / "finetune.npz") as p:
         assert p["test_prob"].shape == p["test_y"].shape

@@ -2,19 +2,20 @@
 import keras
 import numpy as np
 
-from pipeline import io, paths, train
+from pipeline import io, models, paths, train
 from pipeline.params import Head
 
 
 def test_head_outputs(trained):
     meta = io.read_json(trained / paths.MODELS / "head.json")
-    assert meta["input"] == "features" and meta["classes"] == ["cats", "dogs"] and meta["image_size"] == 48
-    model = keras.saving.load_model(trained / paths.MODELS / "head.keras")
+    assert meta["input"] == "images" and meta["classes"] == ["cats", "dogs"] and meta["image_size"] == 48
+    model, _ = models.load(str(trained / paths.MODELS / "head.keras"))
     assert model.output_shape == (None, 1)
+    head = model.get_layer("classifier").get_layer("head")  # the head on feature maps, inside the image-in model
     with np.load(trained / paths.PREDICTIONS_DIR / "head.npz") as p:
         x, y = io.load_pair(trained / paths.FEATURES_DIR / "test")
         assert p["test_prob"].shape == (len(y),) and p["test_y"].tolist() == y.tolist()
-        np.testing.assert_allclose(p["test_prob"], train.probabilities(model, x), atol=1e-5)
+        np.testing.assert_allclose(p["test_prob"], train.probabilities(head, x), atol=1e-5)
         assert ((p["val_prob"] >= 0.5) == p["val_y"]).mean() >= 0.75  # the toy classes are learnable
     history = (trained / "plots/head/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and "val_loss" in history[0] and len(history) >= 2

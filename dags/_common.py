@@ -146,11 +146,10 @@ def locked(command: str) -> str:
     return f"mkdir -p {shlex.quote(str(WORKSPACE_LOCK.parent))} && flock {shlex.quote(str(WORKSPACE_LOCK))} {command}"
 
 
-def stage_command(target: str, outs: list[str], root: Path = PROJECT, force: bool = False) -> str:
+def stage_command(target: str, outs: list[str], root: Path = PROJECT) -> str:
     """Run one DVC stage (or foreach instance, `bagging@0`) alone, under the working tree's lock (`locked`);
     `--wait-for-lock` as well, for a `dvc` run by hand beside the DAGs."""
-    return in_project(locked(f"dvc --wait-for-lock repro --single-item {'--force ' if force else ''}"
-                             f"{shlex.quote(target)}"), outs, root)
+    return in_project(locked(f"dvc --wait-for-lock repro --single-item {shlex.quote(target)}"), outs, root)
 
 
 STAGE_ENV = {
@@ -170,11 +169,9 @@ def bash_kwargs(root: Path = PROJECT) -> dict:
             "output_processor": json.loads}
 
 
-def stage_tasks(root: Path = PROJECT, params: dict | None = None,
-                force: frozenset[str] = frozenset()) -> tuple[list, list]:
+def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list, list]:
     """Create one task per dvc.yaml stage (foreach stages as mapped tasks) in the current DAG, wired like DVC's
-    graph. `force` names stages run with `--force` (a stage whose real input DVC does not track). Returns the
-    (first, last) tasks, for the caller to attach upstream/downstream work.
+    graph. Returns the (first, last) tasks, for the caller to attach upstream/downstream work.
     """
     from airflow.sdk import task
 
@@ -187,13 +184,13 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None,
             extra["trigger_rule"] = "none_failed"
         doc = f"`dvc repro --single-item {name}` in {root.name}/; outputs: {', '.join(info['outs']) or '-'}"
         if info["items"] is None:
-            def command(cmd=stage_command(name, info["outs"], root, force=name in force)):
+            def command(cmd=stage_command(name, info["outs"], root)):
                 return cmd
 
             tasks[name] = task.bash(task_id=name, doc_md=doc, **bash_kwargs(root), **extra)(command)()
         else:
             def command(item, name=name, by_item=info["item_outs"]):
-                return stage_command(f"{name}@{item}", by_item.get(item, []), root, force=name in force)
+                return stage_command(f"{name}@{item}", by_item.get(item, []), root)
 
             mapped = task.bash(task_id=name, doc_md=doc, map_index_template=f"{name}@{{{{ task.op_kwargs['item'] }}}}",
                                **bash_kwargs(root), **extra)(command)

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
     size, classes = meta["image_size"], meta["classes"]
     info = backbones.describe(bb.name, bb.weights, bb.cut_layer, size)
-    base, head = load_head(info, size)
     with tracking.stage_run("finetune", {"backbone": bb.model_dump(), "finetune": p.model_dump(), "seed": prm.seed}) as run:
+        base, head = load_head(info, size)
         device = train.device()
         if p.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16" if device == "GPU" else "mixed_bfloat16")

@@ -153,7 +153,8 @@ def classifier(heads, map_flips=((),), name: str = "classifier"):
 
 def compose(features, heads, *, map_flips=((),), image_flips=((),), name: str = "model"):
     """The image-in model: mean over `image_flips` of classifier(features(flip(image)))."""
-    features = keras.Model(features.inputs, features.outputs, name="features") if features.name != "features" else features
+    if features.name != "features":  # one tensor in, one out (a list would not match the classifier's input)
+        features = keras.Model(features.input, features.output, name="features")
     clf = classifier(heads, map_flips)
     inputs = keras.Input(features.input_shape[1:], name="image")
     return keras.Model(inputs, _flip_mean(inputs, lambda x: clf(features(x)), image_flips, name="image"), name=name)

@@ -79,16 +79,19 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return self
 
     def predict(self, context, model_input, params=None):
+        return self.classify(model_input, (params or {}).get("threshold"))
+
+    def classify(self, model_input, threshold: float | None = None) -> pd.DataFrame:
+        """The prediction table for `model_input` (see the module docstring), at the recorded threshold or this one."""
         from pipeline import models
 
-        threshold = (params or {}).get("threshold")
         threshold = models.threshold_of(self.meta) if threshold is None else float(threshold)
         prob = models.predict(self.model, as_images(model_input, self.meta["image_size"]))
         return models.table(prob, self.meta["classes"], threshold)
 
 
 def local(model_file: str | Path) -> ImageClassifier:
-    """The same pyfunc straight from a model file (no MLflow store), e.g. to score a candidate."""
+    """The same pyfunc straight from a model file (no MLflow store), e.g. to score a candidate: `.classify(x)`."""
     return ImageClassifier()._load(model_file)
 
 

@@ -181,10 +181,11 @@ def current_test_split():
     return x, np.array(classes, dtype=object)[y]
 
 
-def _accuracy(pyfunc_model, images, truth) -> float:
+def _accuracy(table, truth) -> float:
+    """Share of rows of a prediction table (`label` column) that match the true class names."""
     import numpy as np
 
-    return float(np.mean(pyfunc_model.predict(images)["label"].to_numpy() == truth))
+    return float(np.mean(table["label"].to_numpy() == truth))
 
 
 def latest_version(client, name: str):
@@ -213,7 +214,8 @@ def register(if_better: bool = False) -> str:
     if if_better and (current := latest_version(client, registered_as)) is not None:
         images, truth = current_test_split()
         old = mlflow.pyfunc.load_model(f"models:/{registered_as}/{current.version}")
-        new_acc, old_acc = _accuracy(serving.local(models.path(name)), images, truth), _accuracy(old, images, truth)
+        new_acc = _accuracy(serving.local(models.path(name)).classify(images), truth)
+        old_acc = _accuracy(old.predict(images), truth)
         comparison = {"compared_with_version": current.version, "current_test_accuracy_new": new_acc,
                       "current_test_accuracy_registered": old_acc, "current_test_n": len(truth)}
         if new_acc <= old_acc:

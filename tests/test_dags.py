@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 BIN = Path(sys.executable).parent
 HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "torch")
-STAGES = ("split", "validate", "cache", "extract", "head", "finetune", "bagging", "kfold", "evaluate")
+STAGES = ("sources", "split", "validate", "cache", "extract", "head", "finetune", "bagging", "ensemble", "kfold",
+          "evaluate")
 
 # The tiny project's params: TINY_PARAMS (conftest) with 1-2 epochs everywhere and no retries, so a failing
 # stage fails the DAG run at once.
@@ -116,18 +117,20 @@ def test_pipeline_dag_structure(dagbag):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     dag = dagbag["dags"]["transfer_pipeline"]
     tasks = dag["tasks"]
-    assert list(tasks) == list(STAGES)  # dvc.yaml order
+    assert list(tasks) == [*STAGES, "register"]  # dvc.yaml order, then the registry
     assert_acyclic(tasks)
     assert dag["schedule"] == params["schedule"]["cron"] and dag["catchup"] is False and dag["max_active_runs"] == 1
     up = {t: set(v["upstream"]) for t, v in tasks.items()}
-    assert up == {"split": set(), "validate": {"split"}, "cache": {"validate"}, "extract": {"cache"},
-                  "head": {"extract"}, "finetune": {"head"}, "bagging": {"extract"}, "kfold": {"extract"},
-                  "evaluate": {"finetune", "bagging", "kfold"}}
+    assert up == {"sources": set(), "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
+                  "extract": {"cache"}, "head": {"extract"}, "finetune": {"head"}, "bagging": {"extract"},
+                  "ensemble": {"bagging"}, "kfold": {"extract"}, "evaluate": {"finetune", "ensemble", "kfold"},
+                  "register": {"evaluate"}}
     assert {t for t, v in tasks.items() if v["mapped"]} == {"bagging", "kfold"}
     assert dag["expand"] == {"bagging": params["bagging"]["members"], "kfold": params["kfold"]["folds"]}
     assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
     assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for v in tasks.values())
-    assert tasks["evaluate"]["trigger_rule"] == "none_failed"  # an empty foreach list must not skip evaluate
+    # an empty foreach list skips its mapped task; that must not skip what follows
+    assert tasks["evaluate"]["trigger_rule"] == tasks["ensemble"]["trigger_rule"] == "none_failed"
 
 
 def test_retrain_dag_structure(dagbag):
@@ -136,7 +139,7 @@ def test_retrain_dag_structure(dagbag):
     assert list(tasks) == ["new_data", *STAGES, "register", "record_hash"]
     assert_acyclic(tasks)
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
-    assert tasks["split"]["upstream"] == ["new_data"]
+    assert tasks["sources"]["upstream"] == ["new_data"]
     assert tasks["register"]["upstream"] == ["evaluate"]
     assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
     assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
@@ -146,11 +149,10 @@ def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
     common = load_common()
     cmd = common.stage_command("bagging@3", ["models/bagging/member_3.keras"], ROOT)
     assert f"export PATH={common.venv_bin(ROOT)}:" in cmd and f"cd {ROOT}" in cmd
-    assert "dvc --wait-for-lock repro --single-item bagging@3 && echo" in cmd
-    assert "--force split" in common.stage_command("split", [], ROOT, force=True)
+    assert "flock .dvc/tmp/workspace.lock dvc --wait-for-lock repro --single-item bagging@3 && echo" in cmd
     graph = common.stage_graph(ROOT)
-    assert graph["bagging"]["item_outs"][0] == ["models/bagging/member_0.keras",
-                                                "data/predictions/bagging/member_0.npz"]
+    assert graph["bagging"]["item_outs"][0][:3] == ["models/bagging/member_0.keras", "models/bagging/member_0.json",
+                                                    "data/predictions/bagging/member_0.npz"]
 
 
 # ---------------------------------------------------------------------------------------------------- (b) thin parse
@@ -292,16 +294,47 @@ def test_pipeline_dag_end_to_end(airflow_project):
     assert len(nested) == len(set(nested)), f"duplicate nested runs: {nested}"
 
 
+def task_states(p, dag_id: str) -> list[dict[str, str]]:
+    """The task-instance states of each run of `dag_id`, oldest first, from Airflow's CLI: [{"split": "success",
+    "bagging@0": "success", ...}, ...] (mapped tasks by their map index)."""
+    def cli(*args):  # the JSON is the last line; Airflow may log warnings before it
+        lines = run([BIN / "airflow", *args, "-o", "json"], p.env, p.root).stdout.splitlines()
+        return json.loads(next(x for x in reversed(lines) if x.startswith(("[", "{"))))
+
+    out = []
+    for r in sorted(cli("dags", "list-runs", dag_id), key=lambda r: r["start_date"] or ""):
+        rows = cli("tasks", "states-for-dag-run", dag_id, r["run_id"])
+        out.append({row["task_id"] + ("" if str(row["map_index"]) in ("", "-1") else f"@{row['map_index']}"):
+                    row["state"] for row in rows})
+    return out
+
+
 def test_retrain_dag_end_to_end(airflow_project):
-    """New data (no hash recorded yet): forced split, the rest only where inputs changed, register, record."""
+    """First run (no hash recorded yet): every task succeeds, the hash is recorded. Second run, same data: the
+    sensor short-circuits and every task after it is skipped, whatever its trigger rule."""
     p = airflow_project
     common = load_common(p.root / "dags")
     assert common.recorded_hash(p.root) is None
-    proc = run([BIN / "airflow", "dags", "test", "retrain_on_new_data", "-f", p.root / "dags" / "retrain_dag.py"],
-               p.env, p.root, timeout=1500)
-    assert "recorded in data/source_hash.txt: none" in proc.stdout  # the sensor saw new data
-    assert "Running stage 'split'" in proc.stdout  # forced, although no DVC dependency changed
-    assert "python -m pipeline.tracking register --if-better" in proc.stdout and "registered" in proc.stdout
+    dag = ["airflow", "dags", "test", "retrain_on_new_data", "-f", p.root / "dags" / "retrain_dag.py"]
+    run([BIN / dag[0], *dag[1:]], p.env, p.root, timeout=1500)
     assert common.recorded_hash(p.root) == common.content_hash(p.images)
-    assert (p.root / "metrics" / "evaluate.json").exists()
-    assert len(mlflow_runs(p.mlflow_uri)["versions"]) >= 1  # the gate is 0: the first model is registered
+    assert len(mlflow_runs(p.mlflow_uri)["versions"]) >= 1  # the gate is 0: a model is registered
+    versions = mlflow_runs(p.mlflow_uri)["versions"]
+
+    run([BIN / dag[0], *dag[1:]], p.env, p.root, timeout=600)  # nothing changed since
+    first, second = task_states(p, "retrain_on_new_data")
+    assert set(first.values()) == {"success"}, first
+    assert {"register", "record_hash", "evaluate", "split", "bagging@1", "kfold@0"} <= set(first)
+    assert second.pop("new_data") == "success"
+    assert set(second.values()) == {"skipped"} and {"evaluate", "register", "record_hash"} <= set(second), second
+    assert mlflow_runs(p.mlflow_uri)["versions"] == versions
+
+
+def test_the_workspace_lock_keeps_tasks_apart(tmp_path):
+    """Two commands under `_common.locked` in one working tree (as tasks of both DAGs would be) never overlap."""
+    common = load_common()
+    body = "echo start >> log; sleep 1; echo end >> log"
+    procs = [subprocess.Popen(["bash", "-c", common.locked(f"bash -c {json.dumps(body)}")], cwd=tmp_path)
+             for _ in range(3)]
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0]
+    assert (tmp_path / "log").read_text().split() == ["start", "end"] * 3

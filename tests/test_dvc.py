@@ -52,29 +52,31 @@ def repo(tmp_path_factory):
 def test_repro_then_noop_then_one_param(repo):
     dest, env, _ = repo
     first = sh("dvc repro", dest, env)
-    all_stages = {"split", "validate", "cache", "extract", "head", "finetune", "bagging@0", "bagging@1",
-                  "kfold@0", "kfold@1", "evaluate"}
+    all_stages = {"sources", "split", "validate", "cache", "extract", "head", "finetune", "bagging@0", "bagging@1",
+                  "ensemble", "kfold@0", "kfold@1", "evaluate"}
     assert ran(first) == all_stages
-    assert json.loads((dest / "metrics/evaluate.json").read_text())["head"]["n_test"] == 4  # 10 per class: 5 train, 3 val, 2 test
+    report = json.loads((dest / "metrics/evaluate.json").read_text())
+    assert report["models"]["head"]["test"]["n"] == 4  # 10 per class: 5 train, 3 val, 2 test
+    assert report["selected"] in {"head", "finetune", "bagging"} and "validation" in report["selected_by"]
     second = sh("dvc repro", dest, env)
-    assert ran(second) == set() and "Data and pipelines are up to date" in second
+    assert ran(second) == {"sources"}  # it lists the data folder on every repro; nothing changed, nothing follows
     sh("git add -A && git -c user.name=t -c user.email=t@t commit -qm repro", dest, env)
     exp = sh("dvc exp run -S finetune.learning_rate=0.001", dest, env)
-    assert ran(exp) == {"finetune", "evaluate"}  # nothing upstream of fine-tuning reruns
+    assert ran(exp) == {"sources", "finetune", "evaluate"}  # nothing upstream of fine-tuning reruns
     shown = json.loads(sh("dvc exp show --json", dest, env))
     tried = [e["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"]
              for row in shown for run in (row.get("experiments") or []) for e in run["revs"]]
     assert 0.001 in tried
     assert "metrics/evaluate.json" in sh("dvc metrics diff --all HEAD", dest, env)
     member = sh("dvc exp run -S 'bagging.members=[0,1,2]'", dest, env)
-    assert ran(member) == {"bagging@2", "evaluate"}  # one more member trains one more model
+    assert ran(member) == {"sources", "bagging@2", "ensemble", "evaluate"}  # one more member, one more model
 
 
 def test_plots_and_metrics_render(repo):
     dest, env, _ = repo
     sh("dvc plots show -o plots_html", dest, env)
     html = (dest / "plots_html" / "index.html").read_text()
-    assert "learning curves, head" in html and "ROC, best model" in html
+    assert "learning curves, head" in html and "ROC, selected model" in html
     assert "accuracy" in sh("dvc metrics show", dest, env)
 
 
@@ -85,4 +87,17 @@ def test_local_remote_push_and_pull(repo):
     before = (dest / "data/cache/train_x.npy").read_bytes()
     sh("rm -rf data/cache .dvc/cache && dvc pull", dest, env)
     assert (dest / "data/cache/train_x.npy").read_bytes() == before
-    assert ran(sh("dvc repro", dest, env)) == set()
+    assert ran(sh("dvc repro", dest, env)) == {"sources"}
+
+
+def test_adding_or_removing_an_image_reruns_split(repo):
+    dest, env, tmp = repo
+    assert ran(sh("dvc repro split", dest, env)) == {"sources"}
+    extra = make_folder(tmp / "more", per_class=1, seed=5) / "dogs" / "dogs_000.png"
+    added = tmp / "images" / "dogs" / "dogs_new.png"
+    added.write_bytes(extra.read_bytes())
+    assert ran(sh("dvc repro split", dest, env)) == {"sources", "split"}
+    assert str(added) in (dest / "data/split.csv").read_text()
+    added.unlink()
+    assert ran(sh("dvc repro split", dest, env)) == {"sources", "split"}
+    assert str(added) not in (dest / "data/split.csv").read_text()

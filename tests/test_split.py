@@ -143,3 +143,19 @@ def test_stage_output_is_byte_identical(project):
     set_params({"seed": 7})
     run_stages("split")
     assert paths.SPLIT_TABLE.read_bytes() != first
+
+
+def test_a_symlink_leading_outside_the_data_root_is_not_followed(tmp_path):
+    from pipeline import inventory
+
+    root = make_folder(tmp_path / "img", per_class=3)
+    outside = make_image(tmp_path / "elsewhere" / "secret.png", 0, np.random.default_rng(2))
+    (root / "cats" / "leak.png").symlink_to(outside)
+    (root / "dogs" / "alias.png").symlink_to(root / "dogs" / "dogs_000.png")  # inside the root: read as usual
+    table, _ = ingest_folder(root)
+    rows = table.set_index(table["path"].str.rsplit("/", n=1).str[-1])
+    assert not rows.loc["leak.png", "decodable"] and rows.loc["leak.png", "sha256"] == ""
+    assert rows.loc["leak.png", "error"].startswith(inventory.OUTSIDE_ROOT)
+    assert rows.loc["alias.png", "decodable"] and rows.loc["alias.png", "sha256"] == rows.loc["dogs_000.png", "sha256"]
+    listed = {r["path"]: r["state"] for r in inventory.listing(root)}
+    assert listed["cats/leak.png"] == inventory.OUTSIDE_ROOT and listed["dogs/alias.png"] != inventory.OUTSIDE_ROOT

@@ -1,10 +1,15 @@
-"""MLflow: one parent run per pipeline run, one nested run per stage (replaced on rerun), gated registry."""
+"""MLflow: one parent run per pipeline run, one nested run per stage run (reruns add runs), the parent failing with
+a stage, lineage on every run and version, and the gated registry comparing models on the current test split."""
 import json
+import shutil
+from pathlib import Path
 
 import mlflow
+import numpy as np
+import pytest
 
-from conftest import run_stages, set_params
-from pipeline import paths, tracking
+from conftest import make_folder, run_stages, set_params
+from pipeline import io, models, params, paths, tracking
 
 
 def runs(**tags):
@@ -12,14 +17,20 @@ def runs(**tags):
     return mlflow.search_runs(experiment_names=["transfer-learning"], filter_string=query, output_format="list")
 
 
+def use_store():
+    mlflow.set_tracking_uri(tracking.os.environ["MLFLOW_TRACKING_URI"])
+
+
 def test_parent_and_nested_runs(trained_copy):
     run_stages("head", "head", "kfold@0")
-    mlflow.set_tracking_uri(tracking.os.environ["MLFLOW_TRACKING_URI"])
+    use_store()
     parents = runs(pipeline_run_id="test-run", role="parent")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    nested = runs(pipeline_run_id="test-run")
-    stages = sorted(r.data.tags["stage"] for r in nested if "stage" in r.data.tags)
-    assert stages == ["head", "kfold@0"]  # the second head run replaced the first
+    nested = runs(pipeline_run_id="test-run", role="stage")
+    stages = sorted(r.data.tags["stage"] for r in nested)
+    assert stages == ["head", "head", "kfold@0"]  # a rerun adds a run: history is never deleted
+    assert mlflow.search_runs(experiment_names=["transfer-learning"], run_view_type=mlflow.entities.ViewType.DELETED_ONLY,
+                              output_format="list") == []
     head = next(r for r in nested if r.data.tags.get("stage") == "head")
     assert head.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert head.data.params["head.epochs"] == "6" and "val_loss" in head.data.metrics
@@ -29,6 +40,41 @@ def test_parent_and_nested_runs(trained_copy):
     assert {"head.json", "learning_curves.png", "history.csv"} <= artifacts
 
 
+def test_lineage_dataset_and_experiment_kind(trained_copy):
+    run_stages("head")
+    use_store()
+    head = runs(pipeline_run_id="test-run", stage="head")[0]
+    assert head.data.tags["lineage.split_sha256"] == io.sha256_file(paths.SPLIT_TABLE)
+    assert "lineage.git_commit" not in head.data.tags  # the copy is no git repository: nothing is guessed
+    inputs = head.inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["split"] and inputs[0].tags[0].value == "head"
+    experiment = mlflow.get_experiment_by_name("transfer-learning")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_split_validate_and_cache_have_runs(project):
+    run_stages("split", "validate", "cache")
+    use_store()
+    by_stage = {r.data.tags["stage"]: r for r in runs(pipeline_run_id="test-run", role="stage")}
+    assert set(by_stage) == {"split", "validate", "cache"}
+    assert by_stage["split"].data.metrics["n_train"] > 0 and by_stage["cache"].data.metrics["n_test"] > 0
+    assert by_stage["validate"].data.metrics["n_skipped"] == 0
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(by_stage["validate"].info.run_id)}
+    assert {"report.json", "summary.md"} <= names
+
+
+def test_a_failed_stage_fails_the_parent_until_it_succeeds(trained_copy):
+    (paths.MODELS / "head.keras").unlink()
+    with pytest.raises(Exception):
+        run_stages("finetune")  # no head: the phase-order error
+    use_store()
+    assert runs(pipeline_run_id="test-run", stage="finetune")[0].info.status == "FAILED"
+    assert runs(pipeline_run_id="test-run", role="parent")[0].info.status == "FAILED"
+    run_stages("head", "finetune")  # the retry succeeds
+    assert runs(pipeline_run_id="test-run", role="parent")[0].info.status == "FINISHED"
+    assert sorted(r.info.status for r in runs(pipeline_run_id="test-run", stage="finetune")) == ["FAILED", "FINISHED"]
+
+
 def test_run_id_defaults_to_the_params(trained_copy, monkeypatch):
     monkeypatch.delenv("PIPELINE_RUN_ID")
     first = tracking.pipeline_run_id()
@@ -36,25 +82,66 @@ def test_run_id_defaults_to_the_params(trained_copy, monkeypatch):
     assert first.startswith("params-") and tracking.pipeline_run_id() != first
 
 
-def test_registry_gate(trained_copy):
-    run_stages("finetune", "bagging@0", "bagging@1", "evaluate")  # evaluate offers the best model to the registry
-    mlflow.set_tracking_uri(tracking.os.environ["MLFLOW_TRACKING_URI"])
-    versions = mlflow.MlflowClient().search_model_versions("name = 'image-classifier'")
-    assert len(versions) == 1
-    register_run = mlflow.get_run(versions[0].run_id)
+def test_gate_refuses_missing_and_nan_metrics():
+    gate = params.Gate(min_accuracy=0.5, min_roc_auc=0.5)
+    assert tracking.gate_failures({"accuracy": 0.9, "roc_auc": 0.9}, gate) == []
+    assert tracking.gate_failures({"accuracy": 0.9, "roc_auc": float("nan")}, gate) == ["roc_auc is nan"]
+    assert tracking.gate_failures({"accuracy": 0.9}, gate) == ["roc_auc is missing"]
+    assert tracking.gate_failures({"accuracy": 0.4, "roc_auc": 0.9}, gate) == ["accuracy 0.4000 < 0.5"]
+
+
+def invert(name: str = "head") -> None:
+    """Turn the model into its opposite (negated output layer): a worse model with the same files."""
+    model, meta = models.load(name)
+    out = model.get_layer("classifier").get_layer("head").get_layer("head_output")
+    kernel, bias = out.get_weights()
+    out.set_weights([-kernel, -bias])
+    models.save(model, name, meta)
+
+
+def registered(name="image-classifier"):
+    return mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+
+
+def test_registry_gate_and_retrain_comparison_on_new_data(trained_copy, tmp_path):
+    set_params({"evaluate": {"models": ["head"]}, "kfold": {"folds": []}})
+    good = tmp_path / "good"
+    shutil.copytree(paths.MODELS, good)
+    invert()
+    run_stages("evaluate")  # registers the (inverted, poor) model: nothing registered yet
+    use_store()
+    assert sorted(str(v.version) for v in registered()) == ["1"]
+    version = registered()[0]
+    assert version.tags["model"] == "head" and version.tags["lineage.split_sha256"] == io.sha256_file(paths.SPLIT_TABLE)
+    register_run = mlflow.get_run(version.run_id)
     assert register_run.data.tags["mlflow.parentRunId"] == runs(pipeline_run_id="test-run", role="parent")[0].info.run_id
-    assert tracking.register(if_better=True).startswith("not registered: version 1 already has")
-    scores = json.loads((paths.METRICS / "evaluate.json").read_text())
-    for s in scores.values():
-        s.update(accuracy=0.80, roc_auc=0.95)
-    (paths.METRICS / "evaluate.json").write_text(json.dumps(scores))
-    set_params({"evaluate": {"gate": {"min_accuracy": 0.85, "min_roc_auc": 0.9}}})
+
+    # new data arrives: more images, a new split and test split; the registered model is scored on it too
+    make_folder(Path(params.load().data.path), per_class=24, seed=1)
+    run_stages("split", "validate", "cache")
+    shutil.rmtree(paths.MODELS)
+    shutil.copytree(good, paths.MODELS)  # the good model
+    message = tracking.register(if_better=True)
+    assert message.startswith("registered head") and sorted(str(v.version) for v in registered()) == ["1", "2"], message
+    invert()  # a worse model than version 2 on the same current test split
+    message = tracking.register(if_better=True)
+    assert message.startswith("not registered: version 2 scores"), message
+    assert len(registered()) == 2
+
+    report = json.loads((paths.METRICS / "evaluate.json").read_text())
+    report["models"]["head"]["val"]["roc_auc"] = float("nan")
+    io.write_json(paths.METRICS / "evaluate.json", report)
     message = tracking.register()
-    assert message.startswith("not registered") and "accuracy 0.8000" in message and "evaluate.gate" in message
-    assert len(mlflow.MlflowClient().search_model_versions("name = 'image-classifier'")) == 1
+    assert message.startswith("not registered: head fails evaluate.gate") and "roc_auc is nan" in message
+    assert len(registered()) == 2
 
 
 def test_tracking_can_be_switched_off(trained_copy, monkeypatch):
     monkeypatch.setenv("PIPELINE_TRACKING", "off")
     with tracking.stage_run("head", {"a": 1}) as run:
         assert run is None
+    assert not tracking.registering()
+    monkeypatch.setenv("PIPELINE_TRACKING", "on")
+    monkeypatch.setenv("PIPELINE_REGISTER", "off")
+    assert tracking.enabled() and not tracking.registering()
+    assert np.isnan(models.choose_threshold(np.array([0, 1]), np.eye(2)))

@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test bench ui airflow push pull constraints clean
+.PHONY: setup run test report bench ui airflow push pull constraints clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ run: setup  ## the whole pipeline on the data set params.yaml names (ELPV by def
 
 test: setup  ## the test suite (tiny data; real DVC, great-expectations, MLflow, Airflow)
 	$(BIN)/python -m pytest -q tests
+
+report: setup  ## the run's report page (written by the evaluate stage): prints its path
+	@$(BIN)/python -m pipeline.report
 
 bench: setup  ## throughput benchmarks: bench/results.json plus a printed table
 	$(BIN)/python -m bench.run

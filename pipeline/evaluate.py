@@ -9,7 +9,8 @@ and used for nothing. `metrics/evaluate.json`:
 
 with accuracy, precision, recall, F1, ROC AUC, log loss, confusion matrix and n per split (bagging also lists its
 members). Then the K-fold summary over exactly the folds params name, ROC / confusion / calibration plots (PNG for
-every model, CSV of the selected one for `dvc plots`), and the selected model offered to the gated MLflow registry.
+every model, CSV of the selected one for `dvc plots`), the report page (`pipeline.report`: diagnosis of every
+training history, error gallery, Grad-CAM overlays) and the selected model offered to the gated MLflow registry.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import bagging, ensemble, io, models, params, paths, tracking
+from pipeline import bagging, ensemble, io, models, params, paths, report, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
 SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
@@ -109,14 +110,14 @@ def plot(predictions: dict, results: dict, best: str) -> list:
     cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", title="calibration (test)")
     roc_ax.legend(), cal_ax.legend()
     fig.tight_layout()
-    files = [_save(fig, PLOTS / "roc_calibration.png")]
+    files = [io.save_figure(fig, PLOTS / "roc_calibration.png")]
     classes = [str(c) for c in next(iter(predictions.values()))["classes"]]
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
         skm.ConfusionMatrixDisplay(np.array(res["test"]["confusion_matrix"]), display_labels=classes).plot(ax=ax, colorbar=False)
         ax.set_title(f"{name}{' (selected)' if name == best else ''}: test accuracy {res['test']['accuracy']:.3f}")
     fig.tight_layout()
-    files.append(_save(fig, PLOTS / "confusion.png"))
+    files.append(io.save_figure(fig, PLOTS / "confusion.png"))
     pr = predictions[best]
     pred = models.labels(pr["test_prob"], results[best]["threshold"])
     io.write_csv(PLOTS / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in pr["test_y"]],
@@ -129,15 +130,6 @@ def plot(predictions: dict, results: dict, best: str) -> list:
     return files
 
 
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-
-    with io.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def main(argv=None) -> int:
     prm = params.load()
     p = prm.evaluate
@@ -147,13 +139,20 @@ def main(argv=None) -> int:
         results["bagging"]["members"] = member_scores(list(prm.bagging.members))
     selected = select(results)
     kfold = kfold_summary([paths.METRICS / "kfold" / f"fold_{k}.json" for k in prm.kfold.folds])
-    report = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
+    summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
     with tracking.stage_run("evaluate", p.model_dump()) as run:
-        io.write_json(paths.METRICS / "evaluate.json", report)
+        io.write_json(paths.METRICS / "evaluate.json", summary)
         io.write_json(paths.METRICS / "kfold.json", kfold)
         figures = plot(predictions, results, selected)
+        trained = [m for m in ("head", "finetune") if m in p.models]
+        trained += [bagging.member_name(m) for m in prm.bagging.members] + [f"kfold/fold_{k}" for k in prm.kfold.folds]
+        page, found = report.build(results, selected, SELECTED_BY, trained, PLOTS)
+        for name, findings in found.items():
+            for f in findings:
+                print(f"diagnosis {name}: {f.line()}")
         if run:
             run.set_tag("selected", selected)
+            tracking.log_files(run, page, artifact_path="report")
             run.log_metrics({f"{m}_{s}_{k}": v for m, r in results.items() for s in ("val", "test")
                              for k, v in r[s].items() if isinstance(v, float)})
             run.log_metrics({f"kfold_{k}": v for k, v in kfold.items()})

@@ -1,0 +1,290 @@
+"""The report page, `reports/index.html`: one static, offline page (every image embedded) that the evaluate stage
+writes and logs to MLflow. `make report` prints its path.
+
+It shows, top to bottom: the data (counts per split and class, skipped files and why), the diagnosis of every
+training history (`pipeline.diagnose`), the metrics of every model with the selected one marked, the learning
+curves and evaluation plots, an error gallery (the test images the selected model gets most confidently wrong,
+per class, and the least certain correct ones) and where the model looks: Grad-CAM overlays (Selvaraju et al.,
+2017) on a few test images of each class, errors included. Grad-CAM weighs each channel of the backbone's feature
+map (the `features` part of the image-in model, `pipeline.models`) by the mean gradient of the predicted class's
+logit (its score before the sigmoid or softmax), sums them, keeps the positive part and scales it to the image:
+red is where the evidence for the decision lies. It needs the TensorFlow backend; on another backend the page says
+so instead of showing overlays.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import diagnose, io, models, paths
+
+REPORT = Path("reports") / "index.html"
+
+
+# ------------------------------------------------------------------------------------------------ choosing images
+
+def margins(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """How sure each decision is: distance from the threshold (two classes) or the top probability (more)."""
+    prob = np.asarray(prob)
+    return np.abs(prob - threshold) if prob.ndim == 1 else prob.max(1)
+
+
+def pick(y: np.ndarray, prob: np.ndarray, threshold: float, n_classes: int, per_class: int) -> dict:
+    """Per true class, the row indices of the most confidently wrong and the least certain correct predictions."""
+    pred, sure = models.labels(prob, threshold), margins(prob, threshold)
+    out = {"wrong": {}, "unsure": {}}
+    for c in range(n_classes):
+        wrong = np.flatnonzero((y == c) & (pred != c))
+        right = np.flatnonzero((y == c) & (pred == c))
+        out["wrong"][c] = wrong[np.argsort(-sure[wrong], kind="stable")][:per_class]
+        out["unsure"][c] = right[np.argsort(sure[right], kind="stable")][:per_class]
+    return out
+
+
+def overlay_rows(y: np.ndarray, prob: np.ndarray, threshold: float, n_classes: int, per_class: int = 2) -> np.ndarray:
+    """A few test rows per class for the overlays: its most confident errors, then its most confident hits."""
+    pred, sure = models.labels(prob, threshold), margins(prob, threshold)
+    rows = []
+    for c in range(n_classes):
+        for mask in ((y == c) & (pred != c), (y == c) & (pred == c)):
+            idx = np.flatnonzero(mask)
+            rows += list(idx[np.argsort(-sure[idx], kind="stable")][:per_class])
+    return np.array(rows, int)
+
+
+# ------------------------------------------------------------------------------------------------ Grad-CAM
+
+@contextlib.contextmanager
+def logits(model):
+    """Within the block, the model's sigmoid/softmax output layers return their logits: Grad-CAM takes the class
+    score before the squashing, whose gradient vanishes where the model is sure."""
+    import keras
+
+    squashing = {keras.activations.sigmoid, keras.activations.softmax}
+    swapped = [layer for layer in model._flatten_layers() if getattr(layer, "activation", None) in squashing]
+    saved = [layer.activation for layer in swapped]
+    try:
+        for layer in swapped:
+            layer.activation = keras.activations.linear
+        yield model
+    finally:
+        for layer, activation in zip(swapped, saved):
+            layer.activation = activation
+
+
+def grad_cam(model, images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(N, S, S) maps in [0, 1] for an image-in model (`pipeline.models`): where the predicted class's evidence is."""
+    import keras
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(f"Grad-CAM here needs the TensorFlow backend, not {keras.backend.backend()}")
+    features, classifier = model.get_layer("features"), model.get_layer("classifier")
+    x = tf.convert_to_tensor(np.asarray(images, np.float32))
+    fmap = features(x, training=False)
+    predicted = models.labels(models.predict(model, images), threshold)
+    with logits(classifier), tf.GradientTape() as tape:
+        tape.watch(fmap)
+        z = classifier(fmap, training=False)
+        if z.shape[-1] == 1:  # one logit: evidence for class 1, or against it for class 0
+            score = z[:, 0] * tf.constant(np.where(predicted == 1, 1.0, -1.0), z.dtype)
+        else:
+            score = tf.gather(z, tf.constant(predicted), axis=1, batch_dims=1)
+    grads = tape.gradient(score, fmap)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * fmap, axis=-1))[..., None]
+    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
+    top = cam.reshape(len(cam), -1).max(1).reshape(-1, 1, 1)
+    return np.divide(cam, top, out=np.zeros_like(cam), where=top > 0)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def _caption(classes, true: int, pred: int, prob_row, threshold: float) -> str:
+    p = float(prob_row) if np.ndim(prob_row) == 0 else float(np.max(prob_row))
+    what = f"P({classes[1]})" if np.ndim(prob_row) == 0 else "p"
+    return f"true {classes[true]}\npred {classes[pred]}, {what} {p:.2f}"
+
+
+def gallery_figure(x, y, prob, threshold: float, classes, per_class: int = 6):
+    """The error gallery as a figure: per true class, one row of confident errors and one of unsure hits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = pick(y, prob, threshold, len(classes), per_class)
+    rows = [(f"{classes[c]}: most confidently wrong", chosen["wrong"][c]) for c in range(len(classes))]
+    rows += [(f"{classes[c]}: least certain correct", chosen["unsure"][c]) for c in range(len(classes))]
+    pred = models.labels(prob, threshold)
+    fig, axes = plt.subplots(len(rows), per_class, figsize=(1.9 * per_class, 2.35 * len(rows)), squeeze=False)
+    for r, (title, idx) in enumerate(rows):
+        for k, ax in enumerate(axes[r]):
+            ax.set_axis_off()
+            if k < len(idx):
+                i = idx[k]
+                ax.imshow(np.asarray(x[i]))
+                ax.set_title(_caption(classes, y[i], pred[i], prob[i], threshold), fontsize=7,
+                             color="firebrick" if y[i] != pred[i] else "black")
+        axes[r][0].text(-0.05, 0.5, title, transform=axes[r][0].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=8)
+        if not len(idx):
+            axes[r][0].text(0.5, 0.5, "none", transform=axes[r][0].transAxes, ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def overlay_figure(x, cams, y, pred, prob, threshold: float, classes):
+    """Each image beside its Grad-CAM overlay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    n_rows = int(np.ceil(len(x) / (cols // 2)))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.3 * cols, 2.5 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k in range(len(x)):
+        a, b = axes.ravel()[2 * k], axes.ravel()[2 * k + 1]
+        a.imshow(np.asarray(x[k]))
+        a.set_title(_caption(classes, y[k], pred[k], prob[k], threshold), fontsize=7,
+                    color="firebrick" if y[k] != pred[k] else "black")
+        b.imshow(np.asarray(x[k]))
+        b.imshow(cams[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        b.set_title("Grad-CAM", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _table(frame: pd.DataFrame, marked: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = ""
+    for _, row in frame.iterrows():
+        cls = ' class="selected"' if marked is not None and row.iloc[0] == marked else ""
+        body += f"<tr{cls}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def metrics_frame(results: dict) -> pd.DataFrame:
+    rows = []
+    for name, r in results.items():
+        rows.append({"model": name, "threshold": f"{r['threshold']:.3f}",
+                     **{f"{s} {k}": f"{r[s][k]:.4f}" for s in ("val", "test")
+                        for k in ("accuracy", "roc_auc", "log_loss", "f1")}})
+    return pd.DataFrame(rows)
+
+
+def data_section() -> str:
+    summary = io.read_json(paths.SPLIT_SUMMARY)
+    counts = pd.DataFrame(summary["counts"]).reindex(columns=list(paths.SPLITS)).fillna(0).astype(int)
+    counts.loc["all"] = counts.sum()
+    counts = counts.reset_index(names="class")
+    out = f"<p>{summary['n_images']} images from <code>{html.escape(str(summary.get('source')))}</code>, " \
+          f"{summary.get('folds', 0)} folds over train+val.</p>" + _table(counts)
+    if paths.VALIDATE_REPORT.exists():
+        report = io.read_json(paths.VALIDATE_REPORT)
+        skipped = report.get("skipped", [])
+        out += f"<p>Validation: {'passed' if report.get('success') else 'FAILED'}; {len(skipped)} file(s) skipped.</p>"
+        if skipped:
+            why = pd.DataFrame({"file": skipped, "why": [report.get("reasons", {}).get(f, "") for f in skipped]})
+            out += _table(why)
+    return out
+
+
+def diagnosis_section(found: dict[str, list]) -> str:
+    items = ""
+    for name, findings in found.items():
+        if findings:
+            items += "".join(f"<li><b>{html.escape(name)}</b> — <b>{f.kind}</b>: {html.escape(f.seen)}. "
+                             f"<i>Usual causes:</i> {html.escape(f.causes)}. <i>Here:</i> {html.escape(f.remedy)}.</li>"
+                             for f in findings)
+        else:
+            items += f"<li><b>{html.escape(name)}</b>: no finding (no oscillation, not stuck, no overfitting)</li>"
+    return f"<ul>{items}</ul>"
+
+
+STYLE = """body{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+tr.selected{background:#fff3b0;font-weight:bold}figure{display:inline-block;margin:.5em}
+img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}h2{border-bottom:1px solid #ddd}"""
+
+
+def write_page(target: Path, *, title: str, results: dict, selected: str, selected_by: str,
+               found: dict[str, list], figures: list[tuple[Path, str]], notes: list[str] = ()) -> Path:
+    """The static page: every figure embedded, no external resource."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             "<h2>Data</h2>", data_section(),
+             "<h2>Training curves: diagnosis</h2>", diagnosis_section(found),
+             "<h2>Models</h2>",
+             f"<p>Selected: <b>{html.escape(selected)}</b>, by {html.escape(selected_by)}. Test figures are reported "
+             f"for every model and used for nothing.</p>", _table(metrics_frame(results), marked=selected),
+             *(f"<p>{html.escape(n)}</p>" for n in notes),
+             "<h2>Figures</h2>", *(_img(p, alt) for p, alt in figures if Path(p).exists())]
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    io.write_text(target, page)
+    return target
+
+
+def build(results: dict, selected: str, selected_by: str, trained: list[str], out_dir: Path) -> tuple[Path, dict]:
+    """Diagnose the histories of what params name (`trained`: `head`, `bagging/member_0`, `kfold/fold_1`, ...), draw
+    the gallery and the overlays of the selected model into `out_dir`, write the page."""
+    from pipeline import evaluate
+
+    classes = [str(c) for c in io.read_json(paths.CACHE_DIR / "meta.json")["classes"]]
+    x, y = io.load_pair(paths.CACHE_DIR / "test")
+    pred = evaluate.load_predictions(selected)
+    if not np.array_equal(pred["test_y"], y):
+        raise ValueError(f"data/predictions/{selected}.npz and data/cache/test_y.npy disagree: rerun `dvc repro`")
+    prob, threshold = pred["test_prob"], results[selected]["threshold"]
+    y_train = io.load_npy(paths.CACHE_DIR / "train_y.npy", mmap=False)
+    majority = float(np.bincount(y_train).max() / len(y_train))
+    found = {name: diagnose.diagnose(pd.read_csv(paths.PLOTS / name / "history.csv"), majority) for name in trained
+             if (paths.PLOTS / name / "history.csv").exists()}
+    figures = [(io.save_figure(gallery_figure(x, y, prob, threshold, classes), out_dir / "gallery.png"),
+                f"error gallery of the selected model ({selected}), test split")]
+    notes = []
+    rows = overlay_rows(y, prob, threshold, len(classes))
+    try:
+        model, _ = models.load(selected)
+        cams = grad_cam(model, np.asarray(x[rows]), threshold)
+        labels = models.labels(prob, threshold)
+        figures.append((io.save_figure(overlay_figure(np.asarray(x[rows]), cams, y[rows], labels[rows], prob[rows],
+                                                   threshold, classes), out_dir / "gradcam.png"),
+                        f"where {selected} looks: Grad-CAM on test images of each class, errors first"))
+    except RuntimeError as e:
+        notes.append(f"No Grad-CAM overlays: {e}.")
+    curves = [(paths.PLOTS / name / "learning_curves.png", f"learning curves: {name}") for name in trained
+              if "/" not in name]
+    figures = curves + [(out_dir / "roc_calibration.png", "ROC and calibration, test split"),
+                        (out_dir / "confusion.png", "confusion matrices, test split")] + figures
+    page = write_page(REPORT, title="transfer-pipeline report", results=results, selected=selected,
+                      selected_by=selected_by, found=found, figures=figures, notes=notes)
+    return page, found
+
+
+def main(argv=None) -> int:
+    """`make report`: print the page's path (it is written by the evaluate stage)."""
+    if not REPORT.exists():
+        print(f"{REPORT} not found: run `make run` (or `dvc repro evaluate`) first")
+        return 1
+    print(REPORT.resolve().as_uri())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             "backbone": head.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
             "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows)))})
         train.save_predictions(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        tracking.log_files(run, models.meta_path(name), *train.save_history(history, name))
+        tracking.log_files(run, models.meta_path(name), *train.save_history(history, name, run, data["train"][1][rows]))
         if run:
             run.log_metric("unique_rows", len(np.unique(rows)))
     print(f"bagging member {member}: {len(np.unique(rows))} unique of {len(rows)} resampled rows, "

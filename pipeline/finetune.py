@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             image_flips=flips, map_flips=[()], lineage=lineage.describe("finetune"),
             unfreeze_from=unfrozen[0], augment_in=where))
         train.save_predictions("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        tracking.log_files(run, models.meta_path("finetune"), *train.save_history(history, "finetune"))
+        tracking.log_files(run, models.meta_path("finetune"), *train.save_history(history, "finetune", run, data["train"][1]))
     print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "
           f"{history.loc[history['val_loss'].idxmin(), 'val_accuracy']:.4f}")
     return 0

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
             image_size=meta["image_size"], backbone=backbone_of(meta), image_flips=[()], map_flips=flips,
             lineage=lineage.describe("head"), feature_shape=list(data["train"][0].shape[1:])))
         train.save_predictions("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        plots = train.save_history(history, "head")
+        plots = train.save_history(history, "head", run, y_train=data["train"][1])
         tracking.log_files(run, models.meta_path("head"), *plots)
     best = history.loc[history["val_loss"].idxmin()]
     print(f"head: best epoch {int(best['epoch'])}, val_loss {best['val_loss']:.4f}, val_accuracy {best['val_accuracy']:.4f}")

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:
             run.log_metrics({k: result[k] for k in ("accuracy", "roc_auc")})
-        tracking.log_files(run, *train.save_history(history, f"kfold/fold_{fold}"))
+        tracking.log_files(run, *train.save_history(history, f"kfold/fold_{fold}", run,
+                                                   train_xy[1][fit_rows]))
     io.write_json(paths.METRICS / "kfold" / f"fold_{fold}.json", result)
     print(f"kfold {fold}: accuracy {result['accuracy']:.4f}, ROC AUC {result['roc_auc']:.4f}")
     return 0

@@ -194,19 +194,22 @@ def save_predictions(name: str, classes, val: tuple, test: tuple) -> None:
         np.savez(tmp, val_prob=val[0], val_y=val[1], test_prob=test[0], test_y=test[1], classes=np.array(classes))
 
 
-def save_model(model: keras.Model, name: str, meta: dict, flips=((),)) -> None:
-    """The model and its JSON, which records the flips its predictions are averaged over (`tta_flips`)."""
-    with io.atomic_path(paths.MODELS / f"{name}.keras", suffix=".keras") as tmp:
-        model.save(tmp)
-    io.write_json(paths.MODELS / f"{name}.json", {**meta, "tta_flips": [list(a) for a in flips]})
-
-
-def save_history(history: pd.DataFrame, stage: str) -> list:
-    """history.csv (for `dvc plots`) and learning_curves.png (loss and accuracy per epoch)."""
+def save_history(history: pd.DataFrame, stage: str, run=None, y_train=None) -> list:
+    """history.csv (for `dvc plots`) and learning_curves.png (loss and accuracy per epoch); the diagnosis of the
+    curves (`pipeline.diagnose`) is printed and, with an MLflow `run`, set as its tags."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from pipeline import diagnose
+
+    majority = None if y_train is None else float(np.bincount(np.asarray(y_train)).max() / len(y_train))
+    findings = diagnose.diagnose(history, majority)
+    for f in findings:
+        print(f"diagnosis {stage}: {f.line()}")
+    if run is not None:
+        run.set_tags(diagnose.tags(findings))
 
     out = paths.PLOTS / stage
     io.write_csv(out / "history.csv", history)
@@ -218,7 +221,4 @@ def save_history(history: pd.DataFrame, stage: str) -> list:
         ax.set(xlabel="epoch", title=f"{stage}: {metric}")
         ax.legend()
     fig.tight_layout()
-    with io.atomic_path(out / "learning_curves.png", suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return [out / "history.csv", out / "learning_curves.png"]
+    return [out / "history.csv", io.save_figure(fig, out / "learning_curves.png")]

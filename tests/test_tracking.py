@@ -6,10 +6,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import make_folder, run_stages, set_params
-from pipeline import io, models, params, paths, tracking
+from pipeline import diagnose, io, models, params, paths, tracking
 
 
 def runs(**tags):
@@ -34,6 +35,9 @@ def test_parent_and_nested_runs(trained_copy):
     head = next(r for r in nested if r.data.tags.get("stage") == "head")
     assert head.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert head.data.params["head.epochs"] == "6" and "val_loss" in head.data.metrics
+    y = io.load_npy(paths.FEATURES_DIR / "train_y.npy", mmap=False)
+    found = diagnose.diagnose(pd.read_csv(paths.PLOTS / "head" / "history.csv"), np.bincount(y).max() / len(y))
+    assert {k: v for k, v in head.data.tags.items() if k.startswith("diagnosis")} == diagnose.tags(found)
     history = mlflow.MlflowClient().get_metric_history(head.info.run_id, "loss")
     assert len(history) >= 2  # per-epoch metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(head.info.run_id)}

@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test report bench ui airflow push pull constraints clean
+.PHONY: setup run test report serve bench ui airflow push pull constraints clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test: setup  ## the test suite (tiny data; real DVC, great-expectations, MLflow,
 
 report: setup  ## the run's report page (written by the evaluate stage): prints its path
 	@$(BIN)/python -m pipeline.report
+
+MODEL ?= models:/image-classifier/latest
+PORT  ?= 5001
+serve: setup  ## the registered model over HTTP on 127.0.0.1:$(PORT) (MODEL=models:/<name>/<version>)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve -m $(MODEL) \
+	  --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
 
 bench: setup  ## throughput benchmarks: bench/results.json plus a printed table
 	$(BIN)/python -m bench.run

@@ -3,7 +3,8 @@
 For each model in `evaluate.models` it reads the probabilities its stage wrote (`data/predictions/<name>.npz`) and
 the decision threshold its stage chose on validation (the JSON beside the model), and scores both splits at that
 threshold. The selected model is the best on validation (`SELECTED_BY`); test figures are reported for every model
-and used for nothing. `metrics/evaluate.json`:
+and used for no choice here (the registry's `--if-better` comparison scores the candidate and the registered
+version on the current test split, as a hold-out both have never been chosen on). `metrics/evaluate.json`:
 
     {"selected": name, "selected_by": "...", "models": {name: {"threshold": t, "val": {...}, "test": {...}}}}
 
@@ -32,6 +33,17 @@ def load_predictions(name: str) -> dict:
                                 f"trained; run `dvc repro`")
     with np.load(file) as f:
         return dict(f)
+
+
+def same_rows(predictions: dict[str, dict]) -> None:
+    """Every model must have been scored on the same validation and test rows (the current split): models trained
+    on different splits cannot be compared, nor one selected among them."""
+    names = list(predictions)
+    for name in names[1:]:
+        for split in ("val_y", "test_y"):
+            if not np.array_equal(predictions[name][split], predictions[names[0]][split]):
+                raise ValueError(f"data/predictions/{name}.npz and data/predictions/{names[0]}.npz hold different "
+                                 f"{split.split('_')[0]} rows: they come from different splits; rerun `dvc repro`")
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
@@ -133,14 +145,15 @@ def plot(predictions: dict, results: dict, best: str) -> list:
 def main(argv=None) -> int:
     prm = params.load()
     p = prm.evaluate
-    predictions = {m: load_predictions(m) for m in p.models}
-    results = evaluate(predictions, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
-    if "bagging" in results:
-        results["bagging"]["members"] = member_scores(list(prm.bagging.members))
-    selected = select(results)
-    kfold = kfold_summary([paths.METRICS / "kfold" / f"fold_{k}.json" for k in prm.kfold.folds])
-    summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
     with tracking.stage_run("evaluate", p.model_dump()) as run:
+        predictions = {m: load_predictions(m) for m in p.models}
+        same_rows(predictions)
+        results = evaluate(predictions, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
+        if "bagging" in results:
+            results["bagging"]["members"] = member_scores(list(prm.bagging.members))
+        selected = select(results)
+        kfold = kfold_summary([paths.METRICS / "kfold" / f"fold_{k}.json" for k in prm.kfold.folds])
+        summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
         io.write_json(paths.METRICS / "evaluate.json", summary)
         io.write_json(paths.METRICS / "kfold.json", kfold)
         figures = plot(predictions, results, selected)

@@ -55,10 +55,10 @@ def main(argv=None) -> int:
     size, classes = meta["image_size"], meta["classes"]
     info = backbones.describe(bb.name, bb.weights, bb.cut_layer, size)
     with tracking.stage_run("finetune", {"backbone": bb.model_dump(), "finetune": p.model_dump(), "seed": prm.seed}) as run:
-        base, head = load_head(info, size)
         device = train.device()
-        if p.mixed_precision:
+        if p.mixed_precision:  # before the model is loaded, so that its layers take the policy
             keras.mixed_precision.set_global_policy("mixed_float16" if device == "GPU" else "mixed_bfloat16")
+        base, head = load_head(info, size)
         keras.utils.set_random_seed(prm.seed)
         unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
         where = augment_where(p, device)

@@ -41,10 +41,10 @@ def features_model(meta: dict):
 
 def main(argv=None) -> int:
     prm = params.load()
-    meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    data = {s: train.load_features(s) for s in paths.SPLITS}
-    n_classes = train.n_classes_of(meta)
     with tracking.stage_run("head", {"head": prm.head.model_dump(), "seed": prm.seed}) as run:
+        meta = io.read_json(paths.FEATURES_DIR / "meta.json")
+        data = {s: train.load_features(s) for s in paths.SPLITS}
+        n_classes = train.n_classes_of(meta)
         train.device()
         head, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
                                    callbacks=[tracking.keras_callback(run)])

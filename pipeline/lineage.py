@@ -54,7 +54,8 @@ def inputs_md5(stage: str) -> str | None:
         return None
     lock = (yaml.safe_load(DVC_LOCK.read_text()) or {}).get("stages", {})
     outs = {o["path"]: o.get("md5") for entry in lock.values() for o in entry.get("outs", [])}
-    found = {d: outs[d] for d in _stage_deps(stage) if d in outs}
+    deps = [d.rstrip("/") for d in _stage_deps(stage)]
+    found = {o: md5 for o, md5 in outs.items() for d in deps if o == d or o.startswith(d + "/")}  # folders too
     if not found:
         return None
     return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:32]

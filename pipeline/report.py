@@ -231,7 +231,7 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
              "<h2>Training curves: diagnosis</h2>", diagnosis_section(found),
              "<h2>Models</h2>",
              f"<p>Selected: <b>{html.escape(selected)}</b>, by {html.escape(selected_by)}. Test figures are reported "
-             f"for every model and used for nothing.</p>", _table(metrics_frame(results), marked=selected),
+             f"for every model and used for no choice.</p>", _table(metrics_frame(results), marked=selected),
              *(f"<p>{html.escape(n)}</p>" for n in notes),
              "<h2>Figures</h2>", *(_img(p, alt) for p, alt in figures if Path(p).exists())]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

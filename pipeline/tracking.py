@@ -79,11 +79,16 @@ def _lineage_tags(info: dict) -> dict:
 
 
 def _settle_parent(client, exp_id: str, rid: str, parent: str) -> str:
-    """FAILED while the latest run of any stage of this pipeline run failed, else FINISHED; returns the status."""
-    latest = {}
-    for r in client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role = 'stage'",
-                                order_by=["attributes.start_time ASC"]):
-        latest[r.data.tags.get("stage")] = r.info.status
+    """FAILED while the latest run of any stage (or registration) of this pipeline run failed, else FINISHED."""
+    latest, token = {}, None
+    while True:  # newest first, every page: the first run seen of each stage (or register) is its latest
+        page = client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role != 'parent'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+        for r in page:
+            latest.setdefault(r.data.tags.get("stage"), r.info.status)
+        token = page.token
+        if not token:
+            break
     status = "FAILED" if "FAILED" in latest.values() else "FINISHED"
     client.set_terminated(parent, status=status)
     return status
@@ -213,30 +218,39 @@ def register(if_better: bool = False) -> str:
     comparison = {}
     if if_better and (current := latest_version(client, registered_as)) is not None:
         images, truth = current_test_split()
-        old = mlflow.pyfunc.load_model(f"models:/{registered_as}/{current.version}")
         new_acc = _accuracy(serving.local(models.path(name)).classify(images), truth)
-        old_acc = _accuracy(old.predict(images), truth)
+        try:
+            old_acc = _accuracy(mlflow.pyfunc.load_model(f"models:/{registered_as}/{current.version}").predict(images),
+                                truth)
+        except Exception as e:  # noqa: BLE001 - e.g. a version logged before models took images
+            print(f"register: version {current.version} cannot score images ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); it counts as no comparison")
+            old_acc = float("nan")
         comparison = {"compared_with_version": current.version, "current_test_accuracy_new": new_acc,
                       "current_test_accuracy_registered": old_acc, "current_test_n": len(truth)}
-        if new_acc <= old_acc:
+        if not math.isnan(old_acc) and new_acc <= old_acc:
             return (f"not registered: version {current.version} scores {old_acc:.4f} on the current test split "
                     f"({len(truth)} images), {name} {new_acc:.4f}")
     rid = pipeline_run_id()
-    info = lineage.describe("evaluate")
+    info = models.read_meta(name).get("lineage") or {}  # the data and code the model came from, not today's tree
+    parent = _parent(client, exp_id, rid)
     tags = {"stage": "register", "role": "register", "pipeline_run_id": rid, "model": name,
-            "selected_by": report.get("selected_by", ""), "mlflow.parentRunId": _parent(client, exp_id, rid),
-            **_lineage_tags(info)}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"register {name}", tags=tags):
-        mlflow.log_metrics({f"{split}_{k}": float(v) for split in ("val", "test")
-                            for k, v in scores[split].items() if isinstance(v, (int, float))})
-        if comparison:
-            mlflow.log_metrics({k: float(v) for k, v in comparison.items() if k != "compared_with_version"})
-        logged = serving.log_model(mlflow, models.path(name), registered_model_name=registered_as)
-    version = latest_version(client, registered_as)
+            "selected_by": report.get("selected_by", ""), "mlflow.parentRunId": parent, **_lineage_tags(info)}
+    try:
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"register {name}", tags=tags):
+            mlflow.log_metrics({f"{split}_{k}": float(v) for split in ("val", "test")
+                                for k, v in scores[split].items() if isinstance(v, (int, float))})
+            if comparison:
+                mlflow.log_metrics({k: float(v) for k, v in comparison.items()
+                                    if k != "compared_with_version" and not math.isnan(v)})
+            logged = serving.log_model(mlflow, models.path(name), registered_model_name=registered_as)
+    finally:
+        _settle_parent(client, exp_id, rid, parent)
+    version = str(logged.registered_model_version)
     for k, v in {**_lineage_tags(info), "model": name, "selected_by": report.get("selected_by", ""),
                  "val_accuracy": f"{scores['val']['accuracy']:.4f}", "test_accuracy": f"{scores['test']['accuracy']:.4f}"}.items():
-        client.set_model_version_tag(registered_as, version.version, k, v)
-    return (f"registered {name} as '{registered_as}' version {version.version} (val accuracy "
+        client.set_model_version_tag(registered_as, version, k, v)
+    return (f"registered {name} as '{registered_as}' version {version} (val accuracy "
             f"{scores['val']['accuracy']:.4f}, test {scores['test']['accuracy']:.4f}): {logged.model_uri}")
 
 

@@ -2,6 +2,7 @@
 name, as one image-in model."""
 import keras
 import numpy as np
+import pytest
 
 from conftest import run_stages, set_params
 from pipeline import bagging, models, paths
@@ -41,3 +42,11 @@ def test_a_dropped_member_is_not_averaged_in(trained_copy):
         raise AssertionError("an untrained member must be an error")
     except FileNotFoundError as e:
         assert "member_5" in str(e) and "dvc repro bagging@5" in str(e)
+
+
+def test_an_empty_member_list_is_a_clear_error(trained_copy):
+    from pipeline import ensemble
+
+    set_params({"bagging": {"members": []}})
+    with pytest.raises(ValueError, match="bagging.members: List should have at least 1 item"):
+        ensemble.main([])  # refused by the params schema before anything is read or written

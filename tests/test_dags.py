@@ -292,6 +292,12 @@ def test_pipeline_dag_end_to_end(airflow_project):
     expected = {"extract", "head", "finetune", "bagging@0", "bagging@1", "kfold@0", "kfold@1", "evaluate"}
     assert expected <= set(nested), nested
     assert len(nested) == len(set(nested)), f"duplicate nested runs: {nested}"
+    states = task_states(p, "transfer_pipeline")[-1]
+    assert set(states.values()) == {"success"} and "register" in states, states
+    # the `register` task registered the model once; the evaluate stage did not (PIPELINE_REGISTER=off)
+    registered = [r for r in found if r["tags"].get("role") == "register"]
+    assert [r["tags"]["pipeline_run_id"] for r in registered] == [parent["tags"]["pipeline_run_id"]]
+    assert len(mlflow_runs(p.mlflow_uri)["versions"]) == 1
 
 
 def task_states(p, dag_id: str) -> list[dict[str, str]]:

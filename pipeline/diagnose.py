@@ -113,6 +113,12 @@ def overfitting(h: pd.DataFrame) -> Finding | None:
                    "rely on the bagging ensemble")
 
 
+def majority_share(y) -> float:
+    """The larger class's share of the labels `y` (what a model that learned nothing scores)."""
+    y = np.asarray(y)
+    return float(np.bincount(y).max() / len(y))
+
+
 def diagnose(history: pd.DataFrame, majority: float | None = None) -> list[Finding]:
     """Every finding for one training history (empty: nothing to report). `majority`: the larger class's share of
     the training labels, when known."""

@@ -15,22 +15,16 @@ NAME = "bagging"
 
 def combine(members: list[dict]) -> dict:
     """The mean of the members' prediction files ({val_prob, val_y, test_prob, test_y, classes})."""
+    train.same_rows({f"bagging member {i}": m for i, m in enumerate(members)})
     out = {k: members[0][k] for k in ("val_y", "test_y", "classes")}
-    for m in members[1:]:
-        if not all(np.array_equal(m[k], out[k]) for k in ("val_y", "test_y")):
-            raise ValueError("bagging members were scored on different rows: rerun `dvc repro bagging`")
     for split in ("val", "test"):
         out[f"{split}_prob"] = np.mean([m[f"{split}_prob"] for m in members], axis=0)
     return out
 
 
 def load_member_predictions(member: int) -> dict:
-    file = paths.PREDICTIONS_DIR / f"{bagging.member_name(member)}.npz"
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found: bagging member {member} (bagging.members in params.yaml) has not "
-                                f"been trained; run `dvc repro bagging@{member}`")
-    with np.load(file) as f:
-        return dict(f)
+    return train.load_predictions(bagging.member_name(member), f"bagging member {member} (bagging.members in "
+                                  f"params.yaml) has not been trained; run `dvc repro bagging@{member}`")
 
 
 def main(argv=None) -> int:

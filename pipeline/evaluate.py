@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import bagging, ensemble, io, models, params, paths, report, tracking
+from pipeline import bagging, ensemble, io, models, params, paths, report, tracking, train
 
 PLOTS = paths.PLOTS / "evaluate"
 SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
@@ -27,23 +27,8 @@ SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: 
 
 def load_predictions(name: str) -> dict:
     """{val_prob, val_y, test_prob, test_y, classes} that model `name`'s stage wrote."""
-    file = paths.PREDICTIONS_DIR / f"{name}.npz"
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found: model '{name}' (evaluate.models in params.yaml) has not been "
-                                f"trained; run `dvc repro`")
-    with np.load(file) as f:
-        return dict(f)
-
-
-def same_rows(predictions: dict[str, dict]) -> None:
-    """Every model must have been scored on the same validation and test rows (the current split): models trained
-    on different splits cannot be compared, nor one selected among them."""
-    names = list(predictions)
-    for name in names[1:]:
-        for split in ("val_y", "test_y"):
-            if not np.array_equal(predictions[name][split], predictions[names[0]][split]):
-                raise ValueError(f"data/predictions/{name}.npz and data/predictions/{names[0]}.npz hold different "
-                                 f"{split.split('_')[0]} rows: they come from different splits; rerun `dvc repro`")
+    return train.load_predictions(name, f"model '{name}' (evaluate.models in params.yaml) has not been trained; "
+                                        f"run `dvc repro`")
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
@@ -147,7 +132,7 @@ def main(argv=None) -> int:
     p = prm.evaluate
     with tracking.stage_run("evaluate", p.model_dump()) as run:
         predictions = {m: load_predictions(m) for m in p.models}
-        same_rows(predictions)
+        train.same_rows(predictions)
         results = evaluate(predictions, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
         if "bagging" in results:
             results["bagging"]["members"] = member_scores(list(prm.bagging.members))
@@ -159,10 +144,7 @@ def main(argv=None) -> int:
         figures = plot(predictions, results, selected)
         trained = [m for m in ("head", "finetune") if m in p.models]
         trained += [bagging.member_name(m) for m in prm.bagging.members] + [f"kfold/fold_{k}" for k in prm.kfold.folds]
-        page, found = report.build(results, selected, SELECTED_BY, trained, PLOTS)
-        for name, findings in found.items():
-            for f in findings:
-                print(f"diagnosis {name}: {f.line()}")
+        page = report.build(results, selected, SELECTED_BY, trained, predictions[selected], PLOTS)
         if run:
             run.set_tag("selected", selected)
             tracking.log_files(run, page, artifact_path="report")

@@ -77,8 +77,9 @@ def logits(model):
             layer.activation = activation
 
 
-def grad_cam(model, images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(N, S, S) maps in [0, 1] for an image-in model (`pipeline.models`): where the predicted class's evidence is."""
+def grad_cam(model, images: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """(N, S, S) maps in [0, 1] for an image-in model (`pipeline.models`): where the evidence for each image's
+    `predicted` class (its label at the model's threshold) is."""
     import keras
     import tensorflow as tf
 
@@ -87,7 +88,6 @@ def grad_cam(model, images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     features, classifier = model.get_layer("features"), model.get_layer("classifier")
     x = tf.convert_to_tensor(np.asarray(images, np.float32))
     fmap = features(x, training=False)
-    predicted = models.labels(models.predict(model, images), threshold)
     with logits(classifier), tf.GradientTape() as tape:
         tape.watch(fmap)
         z = classifier(fmap, training=False)
@@ -240,19 +240,17 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
     return target
 
 
-def build(results: dict, selected: str, selected_by: str, trained: list[str], out_dir: Path) -> tuple[Path, dict]:
+def build(results: dict, selected: str, selected_by: str, trained: list[str], predictions: dict,
+          out_dir: Path) -> Path:
     """Diagnose the histories of what params name (`trained`: `head`, `bagging/member_0`, `kfold/fold_1`, ...), draw
-    the gallery and the overlays of the selected model into `out_dir`, write the page."""
-    from pipeline import evaluate
-
+    the gallery and the overlays of the selected model (`predictions`: its prediction file) into `out_dir`, write
+    the page."""
     classes = [str(c) for c in io.read_json(paths.CACHE_DIR / "meta.json")["classes"]]
     x, y = io.load_pair(paths.CACHE_DIR / "test")
-    pred = evaluate.load_predictions(selected)
-    if not np.array_equal(pred["test_y"], y):
+    if not np.array_equal(predictions["test_y"], y):
         raise ValueError(f"data/predictions/{selected}.npz and data/cache/test_y.npy disagree: rerun `dvc repro`")
-    prob, threshold = pred["test_prob"], results[selected]["threshold"]
-    y_train = io.load_npy(paths.CACHE_DIR / "train_y.npy", mmap=False)
-    majority = float(np.bincount(y_train).max() / len(y_train))
+    prob, threshold = predictions["test_prob"], results[selected]["threshold"]
+    majority = diagnose.majority_share(io.load_npy(paths.CACHE_DIR / "train_y.npy", mmap=False))
     found = {name: diagnose.diagnose(pd.read_csv(paths.PLOTS / name / "history.csv"), majority) for name in trained
              if (paths.PLOTS / name / "history.csv").exists()}
     figures = [(io.save_figure(gallery_figure(x, y, prob, threshold, classes), out_dir / "gallery.png"),
@@ -260,9 +258,8 @@ def build(results: dict, selected: str, selected_by: str, trained: list[str], ou
     notes = []
     rows = overlay_rows(y, prob, threshold, len(classes))
     try:
-        model, _ = models.load(selected)
-        cams = grad_cam(model, np.asarray(x[rows]), threshold)
         labels = models.labels(prob, threshold)
+        cams = grad_cam(models.load(selected)[0], np.asarray(x[rows]), labels[rows])
         figures.append((io.save_figure(overlay_figure(np.asarray(x[rows]), cams, y[rows], labels[rows], prob[rows],
                                                    threshold, classes), out_dir / "gradcam.png"),
                         f"where {selected} looks: Grad-CAM on test images of each class, errors first"))
@@ -274,7 +271,7 @@ def build(results: dict, selected: str, selected_by: str, trained: list[str], ou
                         (out_dir / "confusion.png", "confusion matrices, test split")] + figures
     page = write_page(REPORT, title="transfer-pipeline report", results=results, selected=selected,
                       selected_by=selected_by, found=found, figures=figures, notes=notes)
-    return page, found
+    return page
 
 
 def main(argv=None) -> int:

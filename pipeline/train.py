@@ -188,6 +188,26 @@ def probabilities(model, x, batch_size: int = 64, flips=((),)) -> np.ndarray:
     return prob[:, 0] if prob.shape[1] == 1 else prob
 
 
+def load_predictions(name: str, fix: str = "rerun `dvc repro`") -> dict:
+    """{val_prob, val_y, test_prob, test_y, classes} that `save_predictions` wrote for model `name`."""
+    file = paths.PREDICTIONS_DIR / f"{name}.npz"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: {fix}")
+    with np.load(file) as f:
+        return dict(f)
+
+
+def same_rows(predictions: dict[str, dict]) -> None:
+    """Every prediction file must hold the same validation and test rows (the current split): predictions from
+    different splits can be neither averaged nor compared."""
+    names = list(predictions)
+    for name in names[1:]:
+        for split in ("val_y", "test_y"):
+            if not np.array_equal(predictions[name][split], predictions[names[0]][split]):
+                raise ValueError(f"the predictions of {name} and {names[0]} hold different {split.split('_')[0]} "
+                                 f"rows: they come from different splits; rerun `dvc repro`")
+
+
 def save_predictions(name: str, classes, val: tuple, test: tuple) -> None:
     target = paths.PREDICTIONS_DIR / f"{name}.npz"
     with io.atomic_path(target, suffix=".npz") as tmp:
@@ -204,8 +224,7 @@ def save_history(history: pd.DataFrame, stage: str, run=None, y_train=None) -> l
 
     from pipeline import diagnose
 
-    majority = None if y_train is None else float(np.bincount(np.asarray(y_train)).max() / len(y_train))
-    findings = diagnose.diagnose(history, majority)
+    findings = diagnose.diagnose(history, None if y_train is None else diagnose.majority_share(y_train))
     for f in findings:
         print(f"diagnosis {stage}: {f.line()}")
     if run is not None:

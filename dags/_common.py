@@ -5,8 +5,9 @@ folder is on `sys.path`: Airflow's DAG bundle puts it there, and the DAG files a
 
 Kept light on purpose: a DAG file is parsed again and again by the DAG processor, so nothing here imports
 TensorFlow, Keras, great_expectations, MLflow or DVC. Only the standard library, PyYAML and the project's
-dependency-free modules (`pipeline.inventory`, `pipeline.io`), plus the Airflow SDK inside `stage_tasks`. Heavy work happens in the stage subprocesses (`dvc repro --single-item <stage>`), each
-in the project directory with the project's virtualenv first on PATH.
+light modules (`pipeline.inventory`, `pipeline.io`, and `pipeline.params`, whose pydantic Airflow loads anyway),
+plus the Airflow SDK inside `stage_tasks`. Heavy work happens in the stage subprocesses (`dvc repro --single-item
+<stage>`), each in the project directory with the project's virtualenv first on PATH.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import inventory, io
+from pipeline.params import Schedule
 
 PROJECT = Path(__file__).resolve().parent.parent
 SOURCE_HASH_FILE = Path("data") / "source_hash.txt"
@@ -31,8 +33,6 @@ GPU_POOL = "gpu"
 GPU_STAGES = frozenset({"extract", "finetune", "bagging"})
 GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, finetune, bagging); slots = params.yaml schedule.gpu_slots"
 
-SCHEDULE_DEFAULTS = {"cron": "0 3 * * 1", "gpu_slots": 1, "retries": 2}
-
 
 def load_params(root: Path = PROJECT) -> dict:
     """params.yaml as a plain dict (validation is the stages' job, through pipeline.params)."""
@@ -42,7 +42,8 @@ def load_params(root: Path = PROJECT) -> dict:
 
 
 def schedule(params: dict) -> dict:
-    return {**SCHEDULE_DEFAULTS, **(params.get("schedule") or {})}
+    """The `schedule` section, validated by the params schema, with its defaults filled in."""
+    return Schedule.model_validate(params.get("schedule") or {}).model_dump()
 
 
 def default_args(params: dict) -> dict:

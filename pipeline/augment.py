@@ -6,28 +6,21 @@ RandomRotation, RandomZoom, RandomTranslation and RandomFlip layers instead resa
 and on JAX each resampling goes through `map_coordinates` (an 8-corner, 3-D interpolation), which costs many
 times a training step on a GPU.
 
-Here every image gets ONE 2x3 matrix, composed from its random draws as
+Here every image gets ONE 2x3 matrix, composed from its random draws (`params.Augment`: one parameter set) as
 
     input = Rotation . Shift . Shear . Zoom . Flip . output     (centred coordinates, like ImageDataGenerator)
 
-and the batch is resampled ONCE, bilinearly, with edge pixels repeated outside the image ("nearest", as the
-seeds) or mirrored ("reflect"). Only `keras.ops` is used, so it runs on every Keras backend. Two warps give the
-same pixels:
+and is resampled ONCE, bilinearly, with edge pixels repeated outside the image ("nearest", as the seeds) or
+mirrored ("reflect"). There are two implementations of that resampling, one per place the warp can run
+(`placement`), and a test holds them to the same pixels (within uint8 rounding):
 
-- "gather": bilinear sampling written with `keras.ops.take` on the flattened batch (4 row gathers of C values);
-- "affine_transform": `keras.ops.image.affine_transform`, which on TensorFlow is the native kernel
-  ImageProjectiveTransformV3 (no XLA kernel: a model holding it cannot be jit-compiled on TensorFlow), and on
-  JAX `map_coordinates` again.
-
-"auto" (the default, see `resolve_method`) is "affine_transform" on TensorFlow without a GPU (the native kernel
-is ~1.5x faster than the gather on 2 CPU cores, and Keras does not jit-compile on CPU) and "gather" everywhere
-else (on JAX's CPU ~4-6x faster than `map_coordinates`; XLA-compatible). Both give the same pixels (to ~1e-4);
-`bench.run` measures both.
-
-On a CPU the training loader does the same warp instead (`warp_uint8`, used by `train.Batches(augment=...)`):
-Pillow's bilinear affine resampler on the uint8 images, one image per task on a thread per core, after padding
-each image by as much as its matrix reaches outside it (edge pixels repeated, or mirrored), so the pixels match
-the layer's to within uint8 rounding. On 2 cores it is ~1.4x faster than the in-model TensorFlow kernel (`bench.run`).
+- in the model, for an accelerator (`Augment`, `warp`): bilinear sampling written with `keras.ops.take` on the
+  flattened batch (4 row gathers of C values), so it runs on every Keras backend and compiles with XLA. (Keras'
+  `ops.image.affine_transform` is `map_coordinates` on JAX, 4-6x slower, and has no XLA kernel on TensorFlow.)
+- in the CPU training loader (`warp_uint8`, used by `loader.Batches(augment=...)`): OpenCV's `warpAffine` on the
+  uint8 images, which takes the same output-to-input matrix (`WARP_INVERSE_MAP`), the same pixel-centre
+  convention and both border rules (`BORDER_REPLICATE`, `BORDER_REFLECT`), and spreads over every core itself.
+  It is ~3x Pillow's affine transform per image (`make bench`).
 
 Draws per image (all uniform, independent): angle in [-rotation, rotation] degrees; shifts in
 [-width_shift, width_shift] x width and [-height_shift, height_shift] x height pixels; shear angle in
@@ -44,9 +37,7 @@ pixels); the pixels are resampled in the layer's compute dtype, float32 unless t
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Mapping
 
 import keras
@@ -56,7 +47,6 @@ from keras import ops
 from pipeline import params
 
 FILL_MODES = ("nearest", "reflect")
-METHODS = ("auto", "gather", "affine_transform")
 DRAWS = ("angle", "tx", "ty", "shear", "zx", "zy", "flip_x", "flip_y")  # the columns `affine_matrices` takes
 
 
@@ -128,6 +118,28 @@ def affine_matrices(draws: Mapping, height: int, width: int, xp=ops):
     return xp.stack([a0, a1, a2, b0, b1, b2], axis=1)
 
 
+def check_fill_mode(fill_mode: str) -> str:
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got '{fill_mode}'")
+    return fill_mode
+
+
+def placement(augment_in: str, accelerator: bool) -> str:
+    """Where fine-tuning augments: 'model' (the `Augment` layer, inside the compiled step) or 'loader'
+    (`warp_uint8` in the training loader). `augment_in: auto` is the model with an accelerator, else the loader,
+    where OpenCV's uint8 warp on every core costs far less than a float warp inside the model."""
+    return augment_in if augment_in != "auto" else ("model" if accelerator else "loader")
+
+
+def random_matrices(n: int, p, height: int, width: int, rng: np.random.Generator):
+    """(n, 6) float32 NumPy matrices (see `affine_matrices`) of `n` random draws from `rng`, distributed as the
+    layer's, computed in NumPy."""
+    u = rng.random((n, len(DRAWS)), dtype=np.float32)
+    return affine_matrices(draws_from_uniform(u, as_params(p), height, width, np), height, width, xp=np).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ in the model (keras.ops)
+
 def _fold(coord, size: int, fill_mode: str):
     """Map sampling coordinates outside [0, size - 1] back inside, then clamp for the bilinear corners."""
     if fill_mode == "reflect" and size > 1:  # (d c b a | a b c d | d c b a): mirror about the pixel edges
@@ -139,38 +151,9 @@ def _fold(coord, size: int, fill_mode: str):
     return ops.clip(coord, 0.0, float(size - 1))
 
 
-@functools.lru_cache(maxsize=None)
-def resolve_method(method: str = "auto") -> str:
-    """The warp "auto" stands for on this backend and machine (see the module docstring)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got '{method}'")
-    if method != "auto":
-        return method
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.config.list_physical_devices("GPU"):
-            return "affine_transform"
-    return "gather"
-
-
-def warp(images, matrices, fill_mode: str = "nearest", method: str = "auto"):
-    """Resample a (B, H, W, C) batch bilinearly through per-image (B, 6) matrices (see `affine_matrices`)."""
-    if fill_mode not in FILL_MODES:
-        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got '{fill_mode}'")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got '{method}'")
-    method = resolve_method(method)
-    if method == "affine_transform":
-        m = ops.cast(matrices, "float32")
-        transform = ops.concatenate([m, ops.zeros((ops.shape(m)[0], 2), dtype="float32")], axis=1)
-        out = ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode=fill_mode,
-                                         data_format="channels_last")
-        return ops.cast(out, images.dtype)
-    return _gather_warp(images, matrices, fill_mode)
-
-
-def _gather_warp(images, matrices, fill_mode: str):
+def warp(images, matrices, fill_mode: str = "nearest"):
+    """Resample a float (B, H, W, C) batch bilinearly through per-image (B, 6) matrices (see `affine_matrices`)."""
+    check_fill_mode(fill_mode)
     shape = ops.shape(images)
     b, h, w, c = shape[0], images.shape[1], images.shape[2], images.shape[3]
     if h is None or w is None or c is None:
@@ -201,7 +184,7 @@ def _gather_warp(images, matrices, fill_mode: str):
     return ops.reshape(out, (b, h, w, c))
 
 
-def augment_batch(images, p, seed_generator, fill_mode: str = "nearest", method: str = "auto"):
+def augment_batch(images, p, seed_generator, fill_mode: str = "nearest"):
     """Randomly warp a float (B, H, W, C) batch, one affine transform per image; shape and dtype are kept
     (integer images, e.g. uint8, come back as float32).
 
@@ -215,90 +198,7 @@ def augment_batch(images, p, seed_generator, fill_mode: str = "nearest", method:
         return images
     h, w = images.shape[1], images.shape[2]
     draws = random_draws(ops.shape(images)[0], p, h, w, seed_generator)
-    return warp(images, affine_matrices(draws, h, w), fill_mode=fill_mode, method=method)
-
-
-def placement(augment_in: str, accelerator: bool) -> str:
-    """Where fine-tuning augments: 'model' (the `Augment` layer, inside the compiled step) or 'loader'
-    (`warp_uint8` in the training loader). `augment_in: auto` is the model with an accelerator, else the loader,
-    where the uint8 warp on every core costs less than the in-model kernel."""
-    return augment_in if augment_in != "auto" else ("model" if accelerator else "loader")
-
-
-def random_matrices(n: int, p, height: int, width: int, rng: np.random.Generator):
-    """(n, 6) float32 NumPy matrices (see `affine_matrices`) of `n` random draws from `rng`, distributed as the
-    layer's, computed in NumPy."""
-    u = rng.random((n, len(DRAWS)), dtype=np.float32)
-    return affine_matrices(draws_from_uniform(u, as_params(p), height, width, np), height, width, xp=np).astype(np.float32)
-
-
-_POOL = None
-
-
-def _pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="augment")
-    return _POOL
-
-
-def _pad_edge(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    """`np.pad(image, ..., mode="edge")` for an (H, W, C) image, in five slice assignments (np.pad's general
-    machinery costs as much as the warp itself here)."""
-    h, w, _ = image.shape
-    out = np.empty((h + top + bottom, w + left + right, image.shape[2]), image.dtype)
-    out[top:top + h, left:left + w] = image
-    out[top:top + h, :left] = image[:, :1]
-    out[top:top + h, left + w:] = image[:, -1:]
-    out[:top] = out[top:top + 1]
-    out[top + h:] = out[top + h - 1:top + h]
-    return out
-
-
-def _warp_one(image: np.ndarray, m: np.ndarray, fill_mode: str) -> np.ndarray:
-    """One uint8 (H, W, C) image through one matrix with Pillow's bilinear affine resampler.
-
-    Pillow fills outside the image with a constant, so the image is first padded (edge pixels repeated for
-    "nearest", mirrored for "reflect") by as much as this matrix reaches outside it; sampling the padded image
-    then gives what clamping or mirroring the coordinates gives. Pillow puts pixel centres at +0.5, hence the
-    shifted offsets."""
-    from PIL import Image
-
-    h, w, c = image.shape
-    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], np.float64)
-    src = corners @ np.asarray(m, np.float64).reshape(2, 3).T  # (4, 2) source x, y of the output corners
-    # how far the samples reach past each side (+2: the bilinear neighbour and rounding)
-    left, right = (int(math.ceil(max(v, 0.0))) + 2 for v in (-src[:, 0].min(), src[:, 0].max() - (w - 1)))
-    top, bottom = (int(math.ceil(max(v, 0.0))) + 2 for v in (-src[:, 1].min(), src[:, 1].max() - (h - 1)))
-    if fill_mode == "nearest":
-        padded = _pad_edge(image, top, bottom, left, right)
-    else:  # one mirror period at most: farther out (a > 100 % zoom-out) Pillow's fill shows
-        top, bottom, left, right = min(top, h), min(bottom, h), min(left, w), min(right, w)
-        padded = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="symmetric")
-    a0, a1, a2, b0, b1, b2 = (float(v) for v in m)
-    data = (a0, a1, a2 + 0.5 - 0.5 * (a0 + a1) + left, b0, b1, b2 + 0.5 - 0.5 * (b0 + b1) + top)
-
-    def resample(plane: np.ndarray) -> np.ndarray:
-        im = Image.fromarray(plane)
-        return np.asarray(im.transform((w, h), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR))
-
-    if c == 3:
-        return resample(padded)
-    return np.stack([resample(np.ascontiguousarray(padded[..., k])) for k in range(c)], axis=-1)
-
-
-def warp_uint8(images: np.ndarray, matrices: np.ndarray, fill_mode: str = "nearest") -> np.ndarray:
-    """The same warp as `warp`, for a uint8 (B, H, W, C) NumPy batch on the CPU: one image per task on a pool of
-    one thread per core (Pillow's resampler releases the GIL), uint8 out (bilinear, rounded). This is what a
-    loader feeding a CPU training step uses; `warp` is the in-model version for accelerators."""
-    if fill_mode not in FILL_MODES:
-        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got '{fill_mode}'")
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"warp_uint8 takes a uint8 (B, H, W, C) batch, got {images.dtype} {images.shape}")
-    return np.stack(list(_pool().map(lambda i: _warp_one(images[i], matrices[i], fill_mode), range(len(images)))))
+    return warp(images, affine_matrices(draws, h, w), fill_mode=fill_mode)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -307,32 +207,25 @@ class Augment(keras.layers.Layer):
     the identity at inference. `p` is a `params.Augment` or its dict (that is what `get_config` stores)."""
 
     def __init__(self, p: params.Augment | Mapping | None = None, seed: int | None = None,
-                 fill_mode: str = "nearest", method: str = "auto", **kw):
+                 fill_mode: str = "nearest", **kw):
+        kw.pop("method", None)  # files saved when the layer had a choice of warps
         kw.setdefault("dtype", "float32")  # resample in float32 under mixed precision; the backbone casts after
         super().__init__(**kw)
-        if fill_mode not in FILL_MODES:
-            raise ValueError(f"fill_mode must be one of {FILL_MODES}, got '{fill_mode}'")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got '{method}'")
-        self.p = as_params(p)
-        self.seed, self.fill_mode, self.method = seed, fill_mode, method
+        self.p, self.seed, self.fill_mode = as_params(p), seed, check_fill_mode(fill_mode)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
-        if resolve_method(method) == "affine_transform" and keras.backend.backend() == "tensorflow":
-            self.supports_jit = False  # ImageProjectiveTransformV3 has no XLA kernel
 
     def call(self, inputs, training=None):
         if not training:
             return inputs
-        return augment_batch(inputs, self.p, self.seed_generator, self.fill_mode, self.method)
+        return augment_batch(inputs, self.p, self.seed_generator, self.fill_mode)
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update({"params": self.p.model_dump(), "seed": self.seed, "fill_mode": self.fill_mode,
-                       "method": self.method})
+        config.update({"params": self.p.model_dump(), "seed": self.seed, "fill_mode": self.fill_mode})
         return config
 
     @classmethod
@@ -340,3 +233,26 @@ class Augment(keras.layers.Layer):
         config = dict(config)
         config["p"] = config.pop("params", None)
         return super().from_config(config)
+
+
+# ------------------------------------------------------------------------------------ in the CPU loader (OpenCV)
+
+def warp_uint8(images: np.ndarray, matrices: np.ndarray, fill_mode: str = "nearest") -> np.ndarray:
+    """The same warp as `warp`, for a uint8 (B, H, W, C) NumPy batch on the CPU, with OpenCV's bilinear
+    `warpAffine` (fixed-point weights; uint8 out, rounded). OpenCV splits each image over its own threads, one
+    per core, outside the GIL. This is what a loader feeding a CPU training step uses."""
+    import cv2
+
+    border = {"nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT}[check_fill_mode(fill_mode)]
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"warp_uint8 takes a uint8 (B, H, W, C) batch, got {images.dtype} {images.shape}")
+    _, h, w, c = images.shape
+    out = np.empty_like(images)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # the matrix maps output pixels to input pixels
+    for i, m in enumerate(np.asarray(matrices, np.float64).reshape(-1, 2, 3)):
+        # OpenCV warps at most 4 channels at once; the training images are RGB (3)
+        for lo in range(0, c, 4):
+            out[i, ..., lo:lo + 4] = cv2.warpAffine(images[i, ..., lo:lo + 4], m, (w, h), flags=flags,
+                                                    borderMode=border).reshape(h, w, -1)
+    return out

@@ -8,7 +8,7 @@ import argparse
 
 import numpy as np
 
-from pipeline import head, io, lineage, models, params, paths, tracking, train
+from pipeline import curves, extract, head, io, lineage, models, params, paths, predictions, tracking
 
 
 def bootstrap(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -26,24 +26,24 @@ def main(argv=None) -> int:
     member = ap.parse_args(argv).member
     prm = params.load()
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    data = {s: train.load_features(s) for s in paths.SPLITS}
+    data = {s: extract.load_features(s) for s in paths.SPLITS}
     seed = prm.seed + 1000 * (member + 1)
     rows = np.sort(bootstrap(len(data["train"][1]), prm.bagging.sample_fraction, seed))
     section = {"head": prm.head.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member}
     name = member_name(member)
     with tracking.stage_run(f"bagging@{member}", section) as run:
         model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
-                                         train.n_classes_of(meta), prm.head, seed, name=f"member_{member}",
+                                         len(meta["classes"]), prm.head, seed, name=f"member_{member}",
                                          callbacks=[tracking.keras_callback(run)], verbose=0)
-        flips = train.flip_axes(prm.head)
-        probs = {s: train.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
+        flips = models.flip_axes(prm.head)
+        probs = {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         models.save(model, name, {
             "name": name, "input": "features", "classes": meta["classes"], "member": member, "seed": seed,
             "threshold": models.choose_threshold(data["val"][1], probs["val"]), "image_size": meta["image_size"],
             "backbone": head.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
             "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows)))})
-        train.save_predictions(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        tracking.log_files(run, models.meta_path(name), *train.save_history(history, name, run, data["train"][1][rows]))
+        predictions.save(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
+        tracking.log_files(run, models.meta_path(name), *curves.save(history, name, run, data["train"][1][rows]))
         if run:
             run.log_metric("unique_rows", len(np.unique(rows)))
     print(f"bagging member {member}: {len(np.unique(rows))} unique of {len(rows)} resampled rows, "

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import bagging, head, io, lineage, models, params, paths, tracking, train
+from pipeline import bagging, head, io, lineage, models, params, paths, predictions, tracking
 
 NAME = "bagging"
 
 
 def combine(members: list[dict]) -> dict:
     """The mean of the members' prediction files ({val_prob, val_y, test_prob, test_y, classes})."""
-    train.same_rows({f"bagging member {i}": m for i, m in enumerate(members)})
+    predictions.same_rows({f"bagging member {i}": m for i, m in enumerate(members)})
     out = {k: members[0][k] for k in ("val_y", "test_y", "classes")}
     for split in ("val", "test"):
         out[f"{split}_prob"] = np.mean([m[f"{split}_prob"] for m in members], axis=0)
@@ -23,7 +23,7 @@ def combine(members: list[dict]) -> dict:
 
 
 def load_member_predictions(member: int) -> dict:
-    return train.load_predictions(bagging.member_name(member), f"bagging member {member} (bagging.members in "
+    return predictions.load(bagging.member_name(member), f"bagging member {member} (bagging.members in "
                                   f"params.yaml) has not been trained; run `dvc repro bagging@{member}`")
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             NAME, classes=meta["classes"], threshold=models.choose_threshold(pred["val_y"], pred["val_prob"]),
             image_size=meta["image_size"], backbone=head.backbone_of(meta), image_flips=[()], map_flips=flips,
             lineage=lineage.describe("ensemble"), members=[bagging.member_name(m) for m in members]))
-        train.save_predictions(NAME, meta["classes"], (pred["val_prob"], pred["val_y"]), (pred["test_prob"], pred["test_y"]))
+        predictions.save(NAME, meta["classes"], (pred["val_prob"], pred["val_y"]), (pred["test_prob"], pred["test_y"]))
         tracking.log_files(run, models.meta_path(NAME))
     print(f"ensemble: {len(members)} bagging members -> {models.path(NAME)}")
     return 0

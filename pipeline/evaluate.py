@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import bagging, ensemble, io, models, params, paths, report, tracking, train
+from pipeline import bagging, ensemble, figures, io, models, params, paths, predictions, report, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
 SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
@@ -27,7 +27,7 @@ SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: 
 
 def load_predictions(name: str) -> dict:
     """{val_prob, val_y, test_prob, test_y, classes} that model `name`'s stage wrote."""
-    return train.load_predictions(name, f"model '{name}' (evaluate.models in params.yaml) has not been trained; "
+    return predictions.load(name, f"model '{name}' (evaluate.models in params.yaml) has not been trained; "
                                         f"run `dvc repro`")
 
 
@@ -48,10 +48,10 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
     }
 
 
-def evaluate(predictions: dict[str, dict], thresholds: dict[str, float] | None = None) -> dict:
+def evaluate(scored: dict[str, dict], thresholds: dict[str, float] | None = None) -> dict:
     """{name: {"threshold", "val", "test"}}; a model's threshold is its recorded one, else chosen on validation."""
     results = {}
-    for name, pr in predictions.items():
+    for name, pr in scored.items():
         t = (thresholds or {}).get(name)
         t = models.choose_threshold(pr["val_y"], pr["val_prob"]) if t is None else t
         results[name] = {"threshold": t, **{s: score(pr[f"{s}_y"], pr[f"{s}_prob"], t) for s in ("val", "test")}}
@@ -85,15 +85,12 @@ def kfold_summary(files) -> dict:
     return out
 
 
-def plot(predictions: dict, results: dict, best: str) -> list:
+def plot(scored: dict, results: dict, best: str) -> list:
     """PNG figures for every model (test split, for the report), and CSV data of the selected one for `dvc plots`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
 
-    binary = {n: p for n, p in predictions.items() if p["test_prob"].ndim == 1 and len(np.unique(p["test_y"])) > 1}
+    binary = {n: p for n, p in scored.items() if p["test_prob"].ndim == 1 and len(np.unique(p["test_y"])) > 1}
+    plt = figures.pyplot()
     fig, (roc_ax, cal_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, pr in binary.items():
         fpr, tpr, _ = skm.roc_curve(pr["test_y"], pr["test_prob"])
@@ -107,15 +104,15 @@ def plot(predictions: dict, results: dict, best: str) -> list:
     cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", title="calibration (test)")
     roc_ax.legend(), cal_ax.legend()
     fig.tight_layout()
-    files = [io.save_figure(fig, PLOTS / "roc_calibration.png")]
-    classes = [str(c) for c in next(iter(predictions.values()))["classes"]]
+    files = [figures.save(fig, PLOTS / "roc_calibration.png")]
+    classes = [str(c) for c in next(iter(scored.values()))["classes"]]
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
         skm.ConfusionMatrixDisplay(np.array(res["test"]["confusion_matrix"]), display_labels=classes).plot(ax=ax, colorbar=False)
         ax.set_title(f"{name}{' (selected)' if name == best else ''}: test accuracy {res['test']['accuracy']:.3f}")
     fig.tight_layout()
-    files.append(io.save_figure(fig, PLOTS / "confusion.png"))
-    pr = predictions[best]
+    files.append(figures.save(fig, PLOTS / "confusion.png"))
+    pr = scored[best]
     pred = models.labels(pr["test_prob"], results[best]["threshold"])
     io.write_csv(PLOTS / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in pr["test_y"]],
                                                         "predicted": [classes[i] for i in pred]}))
@@ -131,9 +128,9 @@ def main(argv=None) -> int:
     prm = params.load()
     p = prm.evaluate
     with tracking.stage_run("evaluate", p.model_dump()) as run:
-        predictions = {m: load_predictions(m) for m in p.models}
-        train.same_rows(predictions)
-        results = evaluate(predictions, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
+        scored = {m: load_predictions(m) for m in p.models}
+        predictions.same_rows(scored)
+        results = evaluate(scored, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
         if "bagging" in results:
             results["bagging"]["members"] = member_scores(list(prm.bagging.members))
         selected = select(results)
@@ -141,17 +138,17 @@ def main(argv=None) -> int:
         summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
         io.write_json(paths.METRICS / "evaluate.json", summary)
         io.write_json(paths.METRICS / "kfold.json", kfold)
-        figures = plot(predictions, results, selected)
+        drawn = plot(scored, results, selected)
         trained = [m for m in ("head", "finetune") if m in p.models]
         trained += [bagging.member_name(m) for m in prm.bagging.members] + [f"kfold/fold_{k}" for k in prm.kfold.folds]
-        page = report.build(results, selected, SELECTED_BY, trained, predictions[selected], PLOTS)
+        page = report.build(results, selected, SELECTED_BY, trained, scored[selected], PLOTS)
         if run:
             run.set_tag("selected", selected)
             tracking.log_files(run, page, artifact_path="report")
             run.log_metrics({f"{m}_{s}_{k}": v for m, r in results.items() for s in ("val", "test")
                              for k, v in r[s].items() if isinstance(v, float)})
             run.log_metrics({f"kfold_{k}": v for k, v in kfold.items()})
-            tracking.log_files(run, paths.METRICS / "evaluate.json", *figures)
+            tracking.log_files(run, paths.METRICS / "evaluate.json", *drawn)
     for name, r in results.items():
         print(f"evaluate {name:9s}{' *' if name == selected else '  '} val accuracy {r['val']['accuracy']:.4f}  "
               f"test accuracy {r['test']['accuracy']:.4f}  ROC AUC {r['test']['roc_auc']:.4f}  "

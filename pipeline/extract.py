@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import backbones, io, params, paths, tracking, train
+from pipeline import backbones, device, io, params, paths, tracking
 
 
 def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", desc: str = "extract") -> np.ndarray:
@@ -21,13 +21,19 @@ def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", d
     return out
 
 
+def load_features(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one split, as this stage wrote them (read into memory)."""
+    return io.load_pair(paths.FEATURES_DIR / split, mmap=False)
+
+
 def main(argv=None) -> int:
     prm = params.load()
     bb, p = prm.backbone, prm.extract
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
     size = meta["image_size"]
     with tracking.stage_run("extract", {"backbone": bb.model_dump(), "extract": p.model_dump()}) as run:
-        device = train.device()
+        dev = device.detect()
+        print(f"device: {dev}")
         base = backbones.build_base(bb.name, bb.weights, size, bb.cut_layer)
         shapes = {}
         with io.atomic_dir(paths.FEATURES_DIR) as out:  # every split's pair, meta and index appear together
@@ -38,11 +44,11 @@ def main(argv=None) -> int:
                 io.save_pair(out / split, features, labels)
                 shapes[split] = list(features.shape)
             info = {**backbones.describe(bb.name, bb.weights, bb.cut_layer, size), "dtype": p.dtype, "shapes": shapes,
-                    "classes": meta["classes"], "device": device}
+                    "classes": meta["classes"], "device": dev.kind}
             io.write_json(out / "meta.json", info)
             io.write_text(out / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
         if run:
-            run.log_params({"label": info["label"], "cut_layer": info["cut_layer"], "device": device})
+            run.log_params({"label": info["label"], "cut_layer": info["cut_layer"], "device": dev.kind})
     print(f"extract: {info['label']} at {info['cut_layer']}: " + ", ".join(f"{s} {v}" for s, v in shapes.items()))
     return 0
 

@@ -1,6 +1,6 @@
 """Fine-tune stage: augmentation -> backbone -> the trained head, with the top of the backbone unfrozen.
 
-The augmentation runs in the training loader on a CPU (Pillow, every core, uint8) and as the first layer of the
+The augmentation runs in the training loader on a CPU (OpenCV, every core, uint8) and as the first layer of the
 model on a GPU (`augment_in`); both draw the same random affine warps (`pipeline.augment`).
 
 Phase order is enforced: the head stage must have trained a head on this backbone's features first (fine-tuning
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import keras
 
-from pipeline import augment, backbones, io, lineage, models, params, paths, tracking, train
+from pipeline import augment, backbones, curves, device, io, lineage, loader, models, params, paths, predictions, tracking, train
 
 MATCHING_KEYS = ("name", "weights", "cut_layer")
 
@@ -36,9 +36,9 @@ def load_head(backbone: dict, image_size: int):
     return model.get_layer("features"), model.get_layer("classifier").get_layer("head")
 
 
-def augment_where(p: params.Finetune, device: str) -> str:
-    """'model' or 'loader' for `device` ('GPU' or 'CPU', as `train.device` says): see `augment.placement`."""
-    return augment.placement(p.augment_in, device == "GPU")
+def augment_where(p: params.Finetune, dev: device.Device) -> str:
+    """'model' or 'loader' on `dev` (`device.detect()`): see `augment.placement`."""
+    return augment.placement(p.augment_in, dev.accelerator)
 
 
 def build(base: keras.Model, head: keras.Model, p: params.Finetune, seed: int, in_model: bool = True) -> keras.Model:
@@ -55,17 +55,18 @@ def main(argv=None) -> int:
     size, classes = meta["image_size"], meta["classes"]
     info = backbones.describe(bb.name, bb.weights, bb.cut_layer, size)
     with tracking.stage_run("finetune", {"backbone": bb.model_dump(), "finetune": p.model_dump(), "seed": prm.seed}) as run:
-        device = train.device()
+        dev = device.detect()
+        print(f"device: {dev}")
         if p.mixed_precision:  # before the model is loaded, so that its layers take the policy
-            keras.mixed_precision.set_global_policy("mixed_float16" if device == "GPU" else "mixed_bfloat16")
+            keras.mixed_precision.set_global_policy(dev.mixed_policy)
         base, head = load_head(info, size)
         keras.utils.set_random_seed(prm.seed)
         unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
-        where = augment_where(p, device)
+        where = augment_where(p, dev)
         model = train.compile_for(build(base, head, p, prm.seed, in_model=where == "model"), len(classes), p.learning_rate)
         data = {s: io.load_pair(paths.CACHE_DIR / s) for s in paths.SPLITS}
         weights = train.class_weights(data["train"][1], len(classes), prm.head.class_weight)
-        batches = {s: train.Batches(*data[s], p.batch_size, shuffle=s == "train", seed=prm.seed,
+        batches = {s: loader.Batches(*data[s], p.batch_size, shuffle=s == "train", seed=prm.seed,
                                     weights=weights if s == "train" else None,
                                     steps=p.steps_per_epoch if s == "train" else None,
                                     augment=p.augment if s == "train" and where == "loader" else None)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
               f"augmentation in the {where}")
         history = train.fit(model, batches["train"], batches["val"], epochs=p.epochs, batch_size=p.batch_size,
                             patience=max(2, p.epochs), extra_callbacks=[tracking.keras_callback(run)])
-        flips = train.flip_axes(p.augment)
+        flips = models.flip_axes(p.augment)
         delivered = models.compose(base, [head], image_flips=flips, name="finetune")
         probs = {s: models.predict(delivered, data[s][0], p.batch_size) for s in ("val", "test")}
         models.save(delivered, "finetune", models.meta_for(
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
             image_size=size, backbone={k: info[k] for k in ("name", "label", "weights", "cut_layer")},
             image_flips=flips, map_flips=[()], lineage=lineage.describe("finetune"),
             unfreeze_from=unfrozen[0], augment_in=where))
-        train.save_predictions("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        tracking.log_files(run, models.meta_path("finetune"), *train.save_history(history, "finetune", run, data["train"][1]))
+        predictions.save("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
+        tracking.log_files(run, models.meta_path("finetune"), *curves.save(history, "finetune", run, data["train"][1]))
     print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "
           f"{history.loc[history['val_loss'].idxmin(), 'val_accuracy']:.4f}")
     return 0

@@ -135,16 +135,6 @@ def load_pair(prefix: str | Path, mmap: bool = True):
     return x, y
 
 
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """A matplotlib figure as PNG, written atomically, then closed (the one way figures reach disk)."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

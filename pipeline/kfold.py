@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from pipeline import head, io, models, params, paths, tracking, train
+from pipeline import curves, extract, head, io, models, params, paths, predictions, tracking
 
 
 def fold_data(fold: int):
@@ -20,7 +20,7 @@ def fold_data(fold: int):
     index = pd.read_csv(paths.FEATURES_DIR / "index.csv")
     xs, ys, folds = [], [], []
     for split in ("train", "val"):
-        x, y = train.load_features(split)
+        x, y = extract.load_features(split)
         xs.append(x), ys.append(y), folds.append(index.loc[index["split"] == split, "fold"].to_numpy())
     x, y, f = np.concatenate(xs), np.concatenate(ys), np.concatenate(folds)
     if len(f) != len(y):
@@ -48,14 +48,14 @@ def main(argv=None) -> int:
     inner, fit_rows = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10):]
     with tracking.stage_run(f"kfold@{fold}", {"head": prm.head.model_dump(), "epochs": prm.kfold.epochs}) as run:
         model, history = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
-                                   (train_xy[0][inner], train_xy[1][inner]), train.n_classes_of(meta), prm.head, prm.seed + fold,
+                                   (train_xy[0][inner], train_xy[1][inner]), len(meta["classes"]), prm.head, prm.seed + fold,
                                    name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
-        prob = train.probabilities(model, held_xy[0], flips=train.flip_axes(prm.head))
+        prob = predictions.probabilities(model, held_xy[0], flips=models.flip_axes(prm.head))
         result = {"fold": fold, **score(held_xy[1], prob),
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:
             run.log_metrics({k: result[k] for k in ("accuracy", "roc_auc")})
-        tracking.log_files(run, *train.save_history(history, f"kfold/fold_{fold}", run,
+        tracking.log_files(run, *curves.save(history, f"kfold/fold_{fold}", run,
                                                    train_xy[1][fit_rows]))
     io.write_json(paths.METRICS / "kfold" / f"fold_{fold}.json", result)
     print(f"kfold {fold}: accuracy {result['accuracy']:.4f}, ROC AUC {result['roc_auc']:.4f}")

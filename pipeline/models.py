@@ -53,6 +53,21 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
     return float(best[np.argmin(np.abs(best - 0.5))])
 
 
+def flip_axes(p) -> tuple[tuple[int, ...], ...]:
+    """The flips a model is trained to ignore, as tuples of axes of a (N, H, W, C) batch: always the identity,
+    then left-right (axis 2), up-down (axis 1) and both, as `p.horizontal_flip` / `p.vertical_flip` enable
+    (`p` is the `Head` or the fine-tune's `Augment` params). Predictions average over them (`compose`,
+    `predictions.probabilities`)."""
+    out = [()]
+    if p.horizontal_flip:
+        out.append((2,))
+    if p.vertical_flip:
+        out.append((1,))
+    if p.horizontal_flip and p.vertical_flip:
+        out.append((1, 2))
+    return tuple(out)
+
+
 def threshold_of(meta: dict) -> float:
     """The recorded decision threshold (0.5 when none, or NaN for an argmax model)."""
     t = meta.get("threshold")
@@ -81,9 +96,9 @@ def read_meta(name: str) -> dict:
 
 def custom_objects() -> dict:
     """Every custom layer a model file of this project may hold."""
-    from pipeline import augment
+    from pipeline import augment, backbones
 
-    return {"Flip": Flip, "Augment": augment.Augment}
+    return {"Flip": Flip, "Augment": augment.Augment, **backbones.custom_objects()}
 
 
 def save(model, name: str, meta: dict) -> Path:

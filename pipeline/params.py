@@ -75,9 +75,18 @@ class Cache(Section):
 
 
 class Backbone(Section):
-    name: Literal["efficientnet_lite0", "vgg16", "small_cnn"] = "efficientnet_lite0"
+    name: str = "efficientnet_lite0"
     weights: str = "default"
     cut_layer: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from pipeline import backbones  # the one list of backbones (light: no Keras until a backbone is built)
+
+        if v not in backbones.names():
+            raise ValueError(f"'{v}' is unknown; choose one of {backbones.names()}")
+        return v
 
 
 class Extract(Section):

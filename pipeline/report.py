@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import diagnose, io, models, paths
+from pipeline import diagnose, figures, io, models, paths
 
 REPORT = Path("reports") / "index.html"
 
@@ -113,10 +113,7 @@ def _caption(classes, true: int, pred: int, prob_row, threshold: float) -> str:
 
 def gallery_figure(x, y, prob, threshold: float, classes, per_class: int = 6):
     """The error gallery as a figure: per true class, one row of confident errors and one of unsure hits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     chosen = pick(y, prob, threshold, len(classes), per_class)
     rows = [(f"{classes[c]}: most confidently wrong", chosen["wrong"][c]) for c in range(len(classes))]
@@ -141,10 +138,7 @@ def gallery_figure(x, y, prob, threshold: float, classes, per_class: int = 6):
 
 def overlay_figure(x, cams, y, pred, prob, threshold: float, classes):
     """Each image beside its Grad-CAM overlay."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     cols = 4
     n_rows = int(np.ceil(len(x) / (cols // 2)))
@@ -224,7 +218,7 @@ img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}h2
 
 
 def write_page(target: Path, *, title: str, results: dict, selected: str, selected_by: str,
-               found: dict[str, list], figures: list[tuple[Path, str]], notes: list[str] = ()) -> Path:
+               found: dict[str, list], pictures: list[tuple[Path, str]], notes: list[str] = ()) -> Path:
     """The static page: every figure embedded, no external resource."""
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<h2>Data</h2>", data_section(),
@@ -233,7 +227,7 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
              f"<p>Selected: <b>{html.escape(selected)}</b>, by {html.escape(selected_by)}. Test figures are reported "
              f"for every model and used for no choice.</p>", _table(metrics_frame(results), marked=selected),
              *(f"<p>{html.escape(n)}</p>" for n in notes),
-             "<h2>Figures</h2>", *(_img(p, alt) for p, alt in figures if Path(p).exists())]
+             "<h2>Figures</h2>", *(_img(p, alt) for p, alt in pictures if Path(p).exists())]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     io.write_text(target, page)
@@ -253,24 +247,24 @@ def build(results: dict, selected: str, selected_by: str, trained: list[str], pr
     majority = diagnose.majority_share(io.load_npy(paths.CACHE_DIR / "train_y.npy", mmap=False))
     found = {name: diagnose.diagnose(pd.read_csv(paths.PLOTS / name / "history.csv"), majority) for name in trained
              if (paths.PLOTS / name / "history.csv").exists()}
-    figures = [(io.save_figure(gallery_figure(x, y, prob, threshold, classes), out_dir / "gallery.png"),
+    pictures = [(figures.save(gallery_figure(x, y, prob, threshold, classes), out_dir / "gallery.png"),
                 f"error gallery of the selected model ({selected}), test split")]
     notes = []
     rows = overlay_rows(y, prob, threshold, len(classes))
     try:
         labels = models.labels(prob, threshold)
         cams = grad_cam(models.load(selected)[0], np.asarray(x[rows]), labels[rows])
-        figures.append((io.save_figure(overlay_figure(np.asarray(x[rows]), cams, y[rows], labels[rows], prob[rows],
+        pictures.append((figures.save(overlay_figure(np.asarray(x[rows]), cams, y[rows], labels[rows], prob[rows],
                                                    threshold, classes), out_dir / "gradcam.png"),
                         f"where {selected} looks: Grad-CAM on test images of each class, errors first"))
     except RuntimeError as e:
         notes.append(f"No Grad-CAM overlays: {e}.")
     curves = [(paths.PLOTS / name / "learning_curves.png", f"learning curves: {name}") for name in trained
               if "/" not in name]
-    figures = curves + [(out_dir / "roc_calibration.png", "ROC and calibration, test split"),
-                        (out_dir / "confusion.png", "confusion matrices, test split")] + figures
+    pictures = curves + [(out_dir / "roc_calibration.png", "ROC and calibration, test split"),
+                         (out_dir / "confusion.png", "confusion matrices, test split")] + pictures
     page = write_page(REPORT, title="transfer-pipeline report", results=results, selected=selected,
-                      selected_by=selected_by, found=found, figures=figures, notes=notes)
+                      selected_by=selected_by, found=found, pictures=pictures, notes=notes)
     return page
 
 

@@ -273,7 +273,8 @@ def test_build_base_output_shape(name, weights, size, shape):
 
 
 def test_spec_layers_exist():
-    for name, s in backbones.SPECS.items():
+    for name in backbones.names():
+        s = backbones.spec(name)
         model = backbones.full_model(name, "none", image_size=64)
         names = [l.name for l in model.layers]
         assert names.index(s.default_unfreeze) < names.index(s.default_cut)
@@ -284,7 +285,7 @@ def test_custom_cut_and_unfreeze():
     assert base.output.shape[1:] == (4, 4, 256)
     with pytest.raises(ValueError, match="finetune.unfreeze_from 'block4_conv1'"):   # above this cut
         backbones.unfreeze_from(base, None, "vgg16")
-    trainable = backbones.unfreeze_from(base, "block3_conv1")
+    trainable = backbones.unfreeze_from(base, "block3_conv1", "vgg16")
     assert trainable == ["block3_conv1", "block3_conv2", "block3_conv3", "block3_pool"]
     assert not base.get_layer("block2_conv2").trainable and base.get_layer("block3_conv1").trainable
 
@@ -318,6 +319,7 @@ def test_weights_from_file(tmp_path):
     x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), source.predict(x, verbose=0), atol=1e-6)
     assert backbones.describe("small_cnn", str(path))["weights_resolved"] == str(path)
+    assert backbones.label("small_cnn", str(path)) == "Small CNN (weights from cnn.weights.h5)"
     with pytest.raises(ValueError, match="does not fit backbone 'vgg16'"):
         backbones.build_base("vgg16", str(path), image_size=32)
 
@@ -325,8 +327,84 @@ def test_weights_from_file(tmp_path):
 def test_describe_is_json_able():
     import json
 
-    for name in backbones.SPECS:
+    for name in backbones.names():
         d = backbones.describe(name)
         assert json.loads(json.dumps(d)) == d
         assert {"name", "label", "weights", "preprocessing"} <= set(d)
     assert backbones.describe("efficientnet_lite0", "none")["label"] == "EfficientNet-Lite0 (random init)"
+
+
+# ------------------------------------------------------------------------------------------------- the registry
+
+def test_registry_is_the_only_list_of_backbones():
+    from pipeline import params
+
+    assert backbones.names() == sorted(backbones.MODULES) == ["efficientnet_lite0", "small_cnn", "vgg16"]
+    for name in backbones.MODULES:
+        module = backbones.get(name)
+        assert module.SPEC.name == name and backbones.spec(name) is module.SPEC
+        assert params.parse({"backbone": {"name": name}}).backbone.name == name
+    assert params.Backbone().name in backbones.names()
+    with pytest.raises(params.ParamsError, match=r"\n  backbone\.name: 'resnet' is unknown; choose one of "
+                                                 r"\['efficientnet_lite0', 'small_cnn', 'vgg16'\]\n"):
+        params.parse({"backbone": {"name": "resnet"}})
+    with pytest.raises(ValueError, match=r"backbone.name 'resnet' is unknown; choose one of \['efficientnet_lite0'"):
+        backbones.build_base("resnet")
+
+
+def test_a_new_backbone_is_one_module_and_one_entry(monkeypatch):
+    from pipeline import params
+
+    def build(image_size, weights):
+        inputs = keras.Input((image_size, image_size, 3), name="image")
+        x = keras.layers.Rescaling(1 / 255, name="preprocess")(inputs)
+        x = keras.layers.Conv2D(4, 3, name="conv")(x)
+        return keras.Model(inputs, keras.layers.MaxPooling2D(2, name="pool")(x), name="tiny")
+
+    tiny = types.SimpleNamespace(build=build, SPEC=backbones.Spec(
+        "tiny", "Tiny", "pool", "conv", 8, "x / 255", weights={"default": "none", "none": "none"},
+        sources={"none": "random init"}))
+    monkeypatch.setitem(sys.modules, "pipeline.backbones.tiny", tiny)  # as if pipeline/backbones/tiny.py existed
+    monkeypatch.setitem(backbones.MODULES, "tiny", "tiny")
+    assert params.parse({"backbone": {"name": "tiny"}}).backbone.name == "tiny"
+    assert backbones.describe("tiny", image_size=16) == {
+        "name": "tiny", "label": "Tiny (random init)", "weights": "default", "weights_resolved": "none",
+        "preprocessing": "x / 255", "input": "RGB float 0..255, preprocessing inside the model", "cut_layer": "pool",
+        "image_size": 16}
+    base = backbones.build_base("tiny", image_size=16)
+    assert base.name == "tiny_base" and base.output.shape[1:] == (7, 7, 4)
+    assert backbones.unfreeze_from(base, None, "tiny") == ["conv", "pool"]
+    with pytest.raises(ValueError, match="backbone.weights 'hed' is not available for backbone 'tiny'$"):
+        backbones.build_base("tiny", "hed", image_size=16)
+
+
+def test_unfreeze_from_takes_the_backbone_name_not_the_model_name():
+    base = backbones.build_base("vgg16", "none", image_size=32)
+    renamed = keras.Model(base.inputs, base.outputs, name="anything")
+    assert backbones.unfreeze_from(renamed, None, "vgg16")[:2] == ["block4_conv1", "block4_conv2"]
+    with pytest.raises(TypeError):
+        backbones.unfreeze_from(base, None)   # the name is required
+
+
+def test_params_import_stays_free_of_keras():
+    """Light stages (sources, split, validate, cache) load params without importing Keras, though `backbone.name`
+    is checked against the registry."""
+    import subprocess
+
+    code = "import sys, pipeline.params as p; p.parse({'backbone': {'name': 'vgg16'}}); sys.exit('keras' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
+def test_a_saved_vgg16_model_loads_without_importing_its_module_first(tmp_path):
+    """`models.custom_objects()` carries the backbones' custom layers (vgg16's CaffePreprocess), so `predict` and
+    serving, which import only `pipeline.models`, can load a vgg16 model."""
+    import subprocess
+
+    backbones.build_base("vgg16", "none", image_size=32).save(tmp_path / "base.keras")
+    code = ("import sys, keras, numpy as np; from pipeline import models; "
+            f"m = keras.saving.load_model(r'{tmp_path / 'base.keras'}', custom_objects=models.custom_objects()); "
+            "print(m.predict(np.zeros((1, 32, 32, 3)), verbose=0).shape)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(1, 2, 2, 512)")

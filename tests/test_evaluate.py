@@ -89,11 +89,11 @@ def test_reads_exactly_the_folds_and_models_params_name(trained_copy):
 
 
 def test_models_scored_on_different_rows_are_not_compared():
-    from pipeline import train
+    from pipeline import predictions
 
     a = {"val_y": np.array([0, 1]), "test_y": np.array([0, 1, 1]), "val_prob": np.array([.2, .8]),
          "test_prob": np.array([.1, .9, .7])}
     b = {**a, "test_y": np.array([1, 1, 0])}  # trained and scored on another split
-    train.same_rows({"head": a, "finetune": dict(a)})
+    predictions.same_rows({"head": a, "finetune": dict(a)})
     with pytest.raises(ValueError, match="different test rows"):
-        train.same_rows({"head": a, "finetune": b})
+        predictions.same_rows({"head": a, "finetune": b})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_stages, set_params
-from pipeline import backbones, finetune, io, models, paths, train
+from pipeline import backbones, finetune, head, io, models, paths, train
 
 
 def test_refuses_to_start_without_a_trained_head(trained_copy):
@@ -39,10 +39,10 @@ def test_unfrozen_weights_change_while_batchnorm_statistics_do_not():
 
     keras.utils.set_random_seed(0)
     base = backbones.build_base("efficientnet_lite0", "default", 32)
-    head = train.build_head(base.output_shape[1:], 2, Head(conv_filters=4, horizontal_flip=False))
+    classifier = head.build(base.output_shape[1:], 2, Head(conv_filters=4, horizontal_flip=False))
     backbones.unfreeze_from(base, "block5a_expand_conv", "efficientnet_lite0")
     before = {l.name: [w.copy() for w in l.get_weights()] for l in base.layers if l.weights}
-    model = train.compile_for(finetune.build(base, head, Finetune(), seed=0, in_model=False), 2, 1e-2)
+    model = train.compile_for(finetune.build(base, classifier, Finetune(), seed=0, in_model=False), 2, 1e-2)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 255, (16, 32, 32, 3)).astype(np.float32), np.array([0, 1] * 8)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
@@ -76,6 +76,10 @@ def test_stage_trains_under_the_head(trained_copy, where):
 def test_augmentation_goes_to_the_loader_on_a_cpu():
     from pipeline.params import Finetune
 
-    assert finetune.augment_where(Finetune(), "CPU") == "loader"
-    assert finetune.augment_where(Finetune(), "GPU") == "model"
-    assert finetune.augment_where(Finetune(augment_in="model"), "CPU") == "model"
+    from pipeline.device import Device
+
+    cpu, gpu = Device("tensorflow", "", "CPU", ()), Device("jax", "", "GPU", ("gpu:H100",))
+    assert finetune.augment_where(Finetune(), cpu) == "loader"
+    assert finetune.augment_where(Finetune(), gpu) == "model"
+    assert finetune.augment_where(Finetune(augment_in="model"), cpu) == "model"
+    assert (cpu.mixed_policy, gpu.mixed_policy) == ("mixed_bfloat16", "mixed_float16")

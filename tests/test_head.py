@@ -2,7 +2,7 @@
 import keras
 import numpy as np
 
-from pipeline import io, models, paths, train
+from pipeline import head, io, loader, models, paths, predictions, train
 from pipeline.params import Head
 
 
@@ -15,7 +15,7 @@ def test_head_outputs(trained):
     with np.load(trained / paths.PREDICTIONS_DIR / "head.npz") as p:
         x, y = io.load_pair(trained / paths.FEATURES_DIR / "test")
         assert p["test_prob"].shape == (len(y),) and p["test_y"].tolist() == y.tolist()
-        np.testing.assert_allclose(p["test_prob"], train.probabilities(head, x), atol=1e-5)
+        np.testing.assert_allclose(p["test_prob"], predictions.probabilities(head, x), atol=1e-5)
         assert ((p["val_prob"] >= 0.5) == p["val_y"]).mean() >= 0.75  # the toy classes are learnable
     history = (trained / "plots/head/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and "val_loss" in history[0] and len(history) >= 2
@@ -30,15 +30,15 @@ def test_class_weights_balance_the_classes():
 
 
 def test_softmax_for_more_than_two_classes():
-    model = train.build_head((4, 4, 8), 3, Head(hidden=8))
+    model = head.build((4, 4, 8), 3, Head(hidden=8))
     assert model.output_shape == (None, 3) and model.layers[-1].activation.__name__ == "softmax"
-    assert train.build_head((4, 4, 8), 2, Head(hidden=0)).layers[-1].activation.__name__ == "sigmoid"
+    assert head.build((4, 4, 8), 2, Head(hidden=0)).layers[-1].activation.__name__ == "sigmoid"
 
 
 def test_batches_reshuffle_every_epoch_and_keep_pairs():
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
     labels = np.arange(10)
-    b = train.Batches(images, labels, 4, shuffle=True, seed=0)
+    b = loader.Batches(images, labels, 4, shuffle=True, seed=0)
     epoch1 = np.concatenate([b[i][1] for i in range(len(b))])
     b.on_epoch_end()
     epoch2 = np.concatenate([b[i][1] for i in range(len(b))])
@@ -49,45 +49,44 @@ def test_batches_reshuffle_every_epoch_and_keep_pairs():
 
 
 def test_conv_head_or_pooling_head():
-    conv = train.build_head((6, 6, 8), 2, Head(conv_filters=4, conv_layers=2, hidden=0))
+    conv = head.build((6, 6, 8), 2, Head(conv_filters=4, conv_layers=2, hidden=0))
     convs = [l for l in conv.layers if isinstance(l, keras.layers.Conv2D)]
     assert [l.name for l in convs] == ["head_conv1", "head_conv2"] and convs[0].filters == 4
     assert conv.get_layer("head_flip").mode == "horizontal"  # the schema's defaults: left-right flips only
-    pooled = train.build_head((6, 6, 8), 2, Head(conv_filters=0, horizontal_flip=False))
+    pooled = head.build((6, 6, 8), 2, Head(conv_filters=0, horizontal_flip=False))
     assert not any(isinstance(l, (keras.layers.Conv2D, keras.layers.RandomFlip)) for l in pooled.layers)
-    flat = train.build_head((8,), 2, Head())  # a flat feature vector: no map-only layers
+    flat = head.build((8,), 2, Head())  # a flat feature vector: no map-only layers
     assert flat.output_shape == (None, 1) and not any(isinstance(l, keras.layers.Conv2D) for l in flat.layers)
 
 
 def test_feature_stats_standardise_per_channel():
     x = np.random.default_rng(0).normal(3.0, 2.0, (50, 4, 4, 3)).astype(np.float16)
-    mean, var = train.feature_stats(x, chunk=7)
+    mean, var = head.feature_stats(x, chunk=7)
     flat = x.astype(np.float64).reshape(-1, 3)
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(var, flat.var(0), rtol=1e-4)
-    model = train.build_head((4, 4, 3), 2, Head(conv_filters=0, horizontal_flip=False), stats=(mean, var))
+    model = head.build((4, 4, 3), 2, Head(conv_filters=0, horizontal_flip=False), stats=(mean, var))
     standardised = keras.Model(model.inputs, model.get_layer("head_standardise").output).predict(x, verbose=0)
     np.testing.assert_allclose(standardised.reshape(-1, 3).mean(0), 0, atol=1e-3)
 
 
 def test_flip_axes_and_test_time_average():
-    assert train.flip_axes(Head(horizontal_flip=False, vertical_flip=False)) == ((),)
-    assert train.flip_axes(Head(horizontal_flip=True, vertical_flip=True)) == ((), (2,), (1,), (1, 2))
+    assert models.flip_axes(Head(horizontal_flip=False, vertical_flip=False)) == ((),)
+    assert models.flip_axes(Head(horizontal_flip=True, vertical_flip=True)) == ((), (2,), (1,), (1, 2))
     inputs = keras.Input((4, 4, 1))
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs)))
     x = np.random.default_rng(1).normal(size=(5, 4, 4, 1)).astype(np.float32)
-    flips = train.flip_axes(Head(horizontal_flip=True, vertical_flip=True))
+    flips = models.flip_axes(Head(horizontal_flip=True, vertical_flip=True))
     expected = np.mean([model.predict(np.flip(x, a) if a else x, verbose=0)[:, 0] for a in flips], axis=0)
-    np.testing.assert_allclose(train.probabilities(model, x, flips=flips), expected, rtol=1e-5)
-    batches = train.Batches(x, np.zeros(5, np.int64), 2)
-    np.testing.assert_allclose(train.probabilities(model, batches, flips=flips), expected, rtol=1e-5)
-    assert not np.allclose(train.probabilities(model, x), expected)  # the flips do change this model's answer
+    np.testing.assert_allclose(predictions.probabilities(model, x, flips=flips), expected, rtol=1e-5)
+    batches = loader.Batches(x, np.zeros(5, np.int64), 2)
+    np.testing.assert_allclose(predictions.probabilities(model, batches, flips=flips), expected, rtol=1e-5)
+    assert not np.allclose(predictions.probabilities(model, x), expected)  # the flips do change this model's answer
 
 
 def test_conv_head_finds_a_local_spot_wherever_it_is():
     """Class 1 maps hold one bright 2x2 spot at a random place, class 0 none (a crack somewhere in a cell): the
     convolutional head, max-pooled over the map and trained on flipped maps, finds it."""
-    from pipeline import head
 
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (320, 10, 10, 4)).astype(np.float32)
@@ -98,5 +97,5 @@ def test_conv_head_finds_a_local_spot_wherever_it_is():
     p = Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25,
              horizontal_flip=True, vertical_flip=True)
     model, _ = head.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
-    prob = train.probabilities(model, x[240:], flips=train.flip_axes(p))
+    prob = predictions.probabilities(model, x[240:], flips=models.flip_axes(p))
     assert ((prob >= 0.5) == y[240:]).mean() >= 0.9

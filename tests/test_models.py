@@ -48,14 +48,14 @@ def test_every_model_is_image_in_and_matches_its_stage(all_models):
 def test_flip_averaging_is_inside_the_head_model(trained_copy):
     import keras
 
-    from pipeline import train
+    from pipeline import predictions
 
     model, meta = models.load("head")
     flips = [tuple(a) for a in meta["tta_flips"]["features"]]
     head = model.get_layer("classifier").get_layer("head")
     x = io.load_npy(paths.CACHE_DIR / "val_x.npy")
     features = keras.Model(model.get_layer("features").inputs, model.get_layer("features").outputs)
-    expected = train.probabilities(head, features.predict(np.asarray(x, np.float32), verbose=0), flips=flips)
+    expected = predictions.probabilities(head, features.predict(np.asarray(x, np.float32), verbose=0), flips=flips)
     np.testing.assert_allclose(models.predict(model, x), expected, atol=1e-5)
 
 

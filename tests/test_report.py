@@ -27,7 +27,7 @@ def test_grad_cam_lights_up_the_spot_that_decides():
     class-1 images the head gets right, the Grad-CAM map peaks on the spot."""
     import keras
 
-    from pipeline import head, train
+    from pipeline import head
     from pipeline.params import Head
 
     rng = np.random.default_rng(0)
@@ -42,7 +42,7 @@ def test_grad_cam_lights_up_the_spot_that_decides():
     classifier, _ = head.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
     inputs = keras.Input((10, 10, 4))
     features = keras.Model(inputs, keras.layers.Identity()(inputs), name="features")  # the "image" is the map
-    model = models.compose(features, [classifier], map_flips=train.flip_axes(p))
+    model = models.compose(features, [classifier], map_flips=models.flip_axes(p))
     test = np.arange(240, 320)
     hits = test[(y[test] == 1) & (models.predict(model, x[test]) >= 0.5)]
     assert len(hits) >= 30

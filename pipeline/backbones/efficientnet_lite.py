@@ -18,8 +18,21 @@ from keras import layers
 
 from pipeline.io import atomic_path
 from pipeline.backbones import torch_reader
+from pipeline.backbones.core import Spec
 
 log = logging.getLogger(__name__)
+
+# Cut at the end of stage 5 (block5c_add: 112 channels at 1/16 of the input, 19x19 at 300 px), not at the
+# 1280-channel top (1/32): defects such as fine cracks are local, and the head's small convolutions find them
+# on the finer map (ELPV, measured: a conv head on block5c_add reached ~89-90 % on validation, pooled top
+# features ~86 %). It also skips stages 6-7, a third of the forward cost. Fine-tuning opens stage 5
+# (block5a..block5c), the last stage below the cut; the early, generic stages stay frozen.
+SPEC = Spec(
+    "efficientnet_lite0", "EfficientNet-Lite0", "block5c_add", "block5a_expand_conv", 32,
+    "(x - 127) / 128 on RGB 0..255",
+    # Keras ships no Lite0: its 'imagenet' is the same offline, converted ImageNet weights as 'default'.
+    weights={"default": "imagenet", "imagenet": "imagenet", "none": "none"},
+    sources={"imagenet": "ImageNet", "none": "random init"})
 
 # (expand ratio, kernel, stride, repeats, output channels) of the 7 stages
 STAGES = [(1, 3, 1, 1, 16), (6, 3, 2, 2, 24), (6, 5, 2, 2, 40), (6, 3, 2, 3, 80),
@@ -74,6 +87,14 @@ def build_model(image_size: int = 224) -> keras.Model:
     x = layers.Dropout(0.2, name="top_dropout")(x)
     outputs = layers.Dense(CLASSES, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name="efficientnet_lite0")
+
+
+def build(image_size: int, weights: str) -> keras.Model:
+    """`build_model` with `weights` ('imagenet' or 'none', see `SPEC.weights`) loaded."""
+    model = build_model(image_size)
+    if weights == "imagenet":
+        load_imagenet(model)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- conversion

@@ -51,14 +51,18 @@ DRAWS = ("angle", "tx", "ty", "shear", "zx", "zy", "flip_x", "flip_y")  # the co
 
 
 def as_params(p) -> params.Augment:
-    """`params.Augment` from itself, a dict (as in a saved config) or None (the defaults)."""
+    """`params.Augment` from itself, a dict (as in a saved config) or None (the defaults); its flips must be
+    decided (the fine-tune stage fills a `null` flip from the head's design before it augments)."""
     if p is None:
-        return params.Augment()
-    if isinstance(p, params.Augment):
-        return p
-    if isinstance(p, Mapping):
-        return params.Augment(**p)
-    raise TypeError(f"augment params must be params.Augment or a dict, got {type(p).__name__}")
+        p = params.Augment()
+    elif isinstance(p, Mapping):
+        p = params.Augment(**p)
+    elif not isinstance(p, params.Augment):
+        raise TypeError(f"augment params must be params.Augment or a dict, got {type(p).__name__}")
+    if p.horizontal_flip is None or p.vertical_flip is None:
+        raise ValueError("augment: horizontal_flip and vertical_flip must be true or false here; `null` means "
+                         "'as the head's chosen design' and is resolved by the fine-tune stage")
+    return p
 
 
 def is_identity(p: params.Augment) -> bool:

@@ -26,22 +26,24 @@ def main(argv=None) -> int:
     member = ap.parse_args(argv).member
     prm = params.load()
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    data = {s: extract.load_features(s) for s in paths.SPLITS}
+    p = head.chosen(prm.head)  # the design the head stage chose on validation
+    data = {s: extract.load_features(s, pooled=p.design == "pooled") for s in paths.SPLITS}
     seed = prm.seed + 1000 * (member + 1)
     rows = np.sort(bootstrap(len(data["train"][1]), prm.bagging.sample_fraction, seed))
-    section = {"head": prm.head.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member}
+    section = {"head": p.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member}
     name = member_name(member)
     with tracking.stage_run(f"bagging@{member}", section) as run:
         model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
-                                         len(meta["classes"]), prm.head, seed, name=f"member_{member}",
+                                         len(meta["classes"]), p, seed, name=f"member_{member}",
                                          callbacks=[tracking.keras_callback(run)], verbose=0)
-        flips = models.flip_axes(prm.head)
+        flips = models.flip_axes(p)
         probs = {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         models.save(model, name, {
             "name": name, "input": "features", "classes": meta["classes"], "member": member, "seed": seed,
             "threshold": models.choose_threshold(data["val"][1], probs["val"]), "image_size": meta["image_size"],
             "backbone": head.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
-            "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows)))})
+            "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows))),
+            "design": head.design_of(models.read_meta("head"))})
         predictions.save(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         tracking.log_files(run, models.meta_path(name), *curves.save(history, name, run, data["train"][1][rows]))
         if run:

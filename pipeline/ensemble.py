@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import bagging, head, io, lineage, models, params, paths, predictions, tracking
+from pipeline import bagging, extract, head, io, lineage, models, params, paths, predictions, tracking
 
 NAME = "bagging"
 
@@ -33,12 +33,13 @@ def main(argv=None) -> int:
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
     with tracking.stage_run("ensemble", {"members": members}) as run:
         pred = combine([load_member_predictions(m) for m in members])  # names a member that was never trained
-        heads, flips = [], None
+        heads, flips, pooled = [], None, False
         for m in members:
             model, member_meta = models.load(bagging.member_name(m))
             heads.append(model)
             flips = [tuple(a) for a in member_meta["tta_flips"]["features"]]
-        model = models.compose(head.features_model(meta), heads, map_flips=flips, name=NAME)
+            pooled = member_meta["design"]["features"] == "pooled"
+        model = models.compose(extract.features_model(meta, pooled), heads, map_flips=flips, name=NAME)
         models.save(model, NAME, models.meta_for(
             NAME, classes=meta["classes"], threshold=models.choose_threshold(pred["val_y"], pred["val_prob"]),
             image_size=meta["image_size"], backbone=head.backbone_of(meta), image_flips=[()], map_flips=flips,

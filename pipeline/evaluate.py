@@ -60,7 +60,7 @@ def evaluate(scored: dict[str, dict], thresholds: dict[str, float] | None = None
 
 def select(results: dict) -> str:
     """The model handed over, by `SELECTED_BY`: reads validation figures only."""
-    return max(results, key=lambda m: (results[m]["val"]["accuracy"], -results[m]["val"]["log_loss"]))
+    return max(results, key=lambda m: models.choice_key(results[m]["val"]))
 
 
 def member_scores(members: list[int]) -> list[dict]:

@@ -36,6 +36,12 @@ def load_head(backbone: dict, image_size: int):
     return model.get_layer("features"), model.get_layer("classifier").get_layer("head")
 
 
+def augmentation(p: params.Augment, design: dict) -> params.Augment:
+    """The fine-tune augmentation with the flips left open (`null`) taken from the head's chosen design: a flip
+    that validation found to hurt the head does not keep the label."""
+    return p.model_copy(update={k: design[k] for k in ("horizontal_flip", "vertical_flip") if getattr(p, k) is None})
+
+
 def augment_where(p: params.Finetune, dev: device.Device) -> str:
     """'model' or 'loader' on `dev` (`device.detect()`): see `augment.placement`."""
     return augment.placement(p.augment_in, dev.accelerator)
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
         if p.mixed_precision:  # before the model is loaded, so that its layers take the policy
             keras.mixed_precision.set_global_policy(dev.mixed_policy)
         base, head = load_head(info, size)
-        keras.utils.set_random_seed(prm.seed)
+        p = p.model_copy(update={"augment": augmentation(p.augment, models.read_meta("head")["design"])})
+        train.seed(prm.seed)
         unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
         where = augment_where(p, dev)
         model = train.compile_for(build(base, head, p, prm.seed, in_model=where == "model"), len(classes), p.learning_rate)

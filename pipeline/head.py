@@ -1,20 +1,25 @@
-"""Head stage: a classifier trained on the cached bottleneck feature maps.
+"""Head stage: a classifier trained on the cached bottleneck features, its design chosen on validation.
 
-A small convolutional detector on the standardised map (or plain global pooling), max- and average-pooled,
-dropout and a sigmoid (softmax for more than two classes); the maps are randomly flipped while training and the
-predictions averaged over the same flips (`models.flip_axes`). Balanced class weights, shuffled batches, seeded;
+Designs (`candidates`): a small convolutional detector on the standardised feature map (or plain global pooling
+with `conv_filters: 0`), max- and average-pooled, trained on randomly flipped maps and averaged over the same
+flips (`models.flip_axes`), with or without vertical flips; or a dense layer on the backbone's top map pooled to
+a vector. The extract stage stored both kinds of features in one pass; `head.design: auto` and
+`head.vertical_flip: auto` train every candidate and keep the one with the best validation accuracy (ties: lower
+validation log loss). Fine cracks on solar cells want the map; whole objects in photos the pooled top; whether a
+flip keeps the label is the data's business. Each: balanced class weights, shuffled batches, seeded;
 EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau.
 
 It writes the image-in model `models/head.keras` (the frozen backbone, the head and the flip averaging in one file,
-see `pipeline.models`) with its JSON (threshold chosen on validation), validation and test probabilities, the
-history and learning curves.
+see `pipeline.models`) with its JSON (the chosen `design`, the threshold chosen on validation), every candidate's
+validation scores (`metrics/head_designs.json`), validation and test probabilities, the history and learning
+curves. Bagging, kfold and finetune follow the chosen design.
 """
 from __future__ import annotations
 
 import keras
 import numpy as np
 
-from pipeline import backbones, curves, device, extract, io, lineage, models, params, paths, predictions, tracking, train
+from pipeline import curves, device, extract, io, lineage, models, params, paths, predictions, tracking, train
 from pipeline.params import Head
 
 
@@ -26,6 +31,8 @@ def build(input_shape, n_classes: int, p: Head, name: str = "head", stats=None) 
     convolutions of `conv_filters` (a small detector for local defects, max- and average-pooled over the map) or,
     with `conv_filters: 0`, global average pooling. Then dropout, an optional dense layer of `hidden` units,
     dropout and the output. A flat (D,) feature vector skips the map-only parts."""
+    if p.vertical_flip == "auto":
+        raise ValueError("head.build takes decided flips: resolve `vertical_flip: auto` first (head.candidates)")
     inputs = keras.Input(input_shape, name=f"{name}_features")
     x = inputs
     if stats is not None:
@@ -66,7 +73,7 @@ def feature_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarr
 def train_head(train_xy, val_xy, n_classes: int, p: Head, seed: int, name: str = "head", epochs: int | None = None,
                callbacks=(), verbose: int = 2):
     """Fit a fresh head on (features, labels) pairs; returns the model (best val_loss weights) and its history."""
-    keras.utils.set_random_seed(seed)
+    train.seed(seed)
     head = build(train_xy[0].shape[1:], n_classes, p, name, stats=feature_stats(train_xy[0]))
     model = train.compile_for(head, n_classes, p.learning_rate)
     history = train.fit(model, train_xy, val_xy, epochs=epochs or p.epochs, batch_size=p.batch_size,
@@ -80,30 +87,84 @@ def backbone_of(meta: dict) -> dict:
     return {k: meta[k] for k in ("name", "label", "weights", "cut_layer")}
 
 
-def features_model(meta: dict):
-    """The frozen backbone the features in `meta` (features/meta.json) came from."""
-    return backbones.build_base(meta["name"], meta["weights"], meta["image_size"], meta["cut_layer"])
+# ------------------------------------------------------------------------------------------------ designs
+
+def candidates(p: Head) -> list[Head]:
+    """The head designs to try, each as fully resolved params: `design: auto` tries the convolutional head on the
+    finer map and the pooled top; `vertical_flip: auto` tries the map head with and without vertical flips (a
+    solar cell upside down is still a solar cell, a cat is not). The pooled top is a vector: flips do not apply."""
+    designs = ["map", "pooled"] if p.design == "auto" else [p.design]
+    out = []
+    for d in designs:
+        flips = [False, True] if p.vertical_flip == "auto" and d == "map" else [p.vertical_flip is True]
+        out += [p.model_copy(update={"design": d, "vertical_flip": v}) for v in flips]
+    return out
+
+
+def design_name(p: Head) -> str:
+    flips = "+".join(f for f, on in (("h", p.horizontal_flip), ("v", p.vertical_flip)) if on) or "none"
+    return f"{p.design}" + (f" (flips {flips})" if p.design == "map" else "")
+
+
+def design_of(meta: dict) -> dict:
+    """The design recorded in a head's JSON, for `chosen`."""
+    return meta["design"]
+
+
+def chosen(p: Head) -> Head:
+    """The head stage's chosen design (models/head.json) as resolved params: what bagging and kfold train."""
+    d = design_of(models.read_meta("head"))
+    return p.model_copy(update={"design": d["features"], "vertical_flip": d["vertical_flip"],
+                                "horizontal_flip": d["horizontal_flip"]})
+
+
+def fit_design(p: Head, data: dict, n_classes: int, seed: int, callbacks=(), name: str = "head", verbose: int = 2):
+    """Train a head of design `p` on its kind of features; (model, history, {split: probabilities}) with the
+    probabilities averaged over the design's flips for the validation and test splits."""
+    model, history = train_head(data["train"], data["val"], n_classes, p, seed, name=name, callbacks=callbacks,
+                                verbose=verbose)
+    flips = models.flip_axes(p)
+    return model, history, {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
 
 
 def main(argv=None) -> int:
     prm = params.load()
     with tracking.stage_run("head", {"head": prm.head.model_dump(), "seed": prm.seed}) as run:
         meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-        data = {s: extract.load_features(s) for s in paths.SPLITS}
         n_classes = len(meta["classes"])
         print(f"device: {device.detect()}")
-        head, history = train_head(data["train"], data["val"], n_classes, prm.head, prm.seed,
-                                   callbacks=[tracking.keras_callback(run)])
-        flips = models.flip_axes(prm.head)
-        probs = {s: predictions.probabilities(head, data[s][0], flips=flips) for s in ("val", "test")}
-        model = models.compose(features_model(meta), [head], map_flips=flips, name="head")
+        features = {pooled: {s: extract.load_features(s, pooled) for s in paths.SPLITS} for pooled in (False, True)}
+        tried = []
+        for p in candidates(prm.head):  # every design judged on validation only; test is scored, never read
+            data = features[p.design == "pooled"]
+            model, history, probs = fit_design(p, data, n_classes, prm.seed, verbose=0)
+            scores = models.validation_scores(data["val"][1], probs["val"])
+            tried.append((p, model, history, probs, scores))
+            print(f"head design {design_name(p)}: val accuracy {scores['accuracy']:.4f}, "
+                  f"val log loss {scores['log_loss']:.4f} ({len(history)} epochs)")
+        p, head, history, probs, scores = max(tried, key=lambda t: models.choice_key(t[4]))
+        data = features[p.design == "pooled"]
+        print(f"head: chose {design_name(p)} on validation" + (f" among {len(tried)} designs" if len(tried) > 1 else ""))
+        design = {"features": p.design, "layer": meta["pooled_layer"] if p.design == "pooled" else meta["cut_layer"],
+                  "horizontal_flip": p.horizontal_flip, "vertical_flip": p.vertical_flip,
+                  "chosen_by": "validation accuracy at the threshold chosen on validation; ties: lower validation "
+                               "log loss"}
+        io.write_json(paths.METRICS / "head_designs.json", {
+            "chosen": design_name(p), "designs": [{"design": design_name(q), **{f"val_{k}": v for k, v in s.items()},
+                                                   "epochs": len(h)} for q, _, h, _, s in tried]})
+        flips = models.flip_axes(p)
+        model = models.compose(extract.features_model(meta, pooled=p.design == "pooled"), [head], map_flips=flips,
+                               name="head")
         models.save(model, "head", models.meta_for(
-            "head", classes=meta["classes"], threshold=models.choose_threshold(data["val"][1], probs["val"]),
-            image_size=meta["image_size"], backbone=backbone_of(meta), image_flips=[()], map_flips=flips,
-            lineage=lineage.describe("head"), feature_shape=list(data["train"][0].shape[1:])))
+            "head", classes=meta["classes"], threshold=scores["threshold"], image_size=meta["image_size"],
+            backbone=backbone_of(meta), image_flips=[()], map_flips=flips, lineage=lineage.describe("head"),
+            feature_shape=list(data["train"][0].shape[1:]), design=design))
         predictions.save("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         plots = curves.save(history, "head", run, y_train=data["train"][1])
-        tracking.log_files(run, models.meta_path("head"), *plots)
+        tracking.log_files(run, models.meta_path("head"), paths.METRICS / "head_designs.json", *plots)
+        if run:
+            run.log_params({"chosen_design": design_name(p)})
+            run.log_metrics({f"design_{i}_val_accuracy": t[4]["accuracy"] for i, t in enumerate(tried)})
     best = history.loc[history["val_loss"].idxmin()]
     print(f"head: best epoch {int(best['epoch'])}, val_loss {best['val_loss']:.4f}, val_accuracy {best['val_accuracy']:.4f}")
     return 0

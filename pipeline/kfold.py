@@ -15,12 +15,12 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from pipeline import curves, extract, head, io, models, params, paths, predictions, tracking
 
 
-def fold_data(fold: int):
-    """(train, held-out) feature/label pairs for `fold`, from the train and val splits."""
+def fold_data(fold: int, pooled: bool = False):
+    """(train, held-out) feature/label pairs for `fold`, from the train and val splits (pooled: the pooled top)."""
     index = pd.read_csv(paths.FEATURES_DIR / "index.csv")
     xs, ys, folds = [], [], []
     for split in ("train", "val"):
-        x, y = extract.load_features(split)
+        x, y = extract.load_features(split, pooled)
         xs.append(x), ys.append(y), folds.append(index.loc[index["split"] == split, "fold"].to_numpy())
     x, y, f = np.concatenate(xs), np.concatenate(ys), np.concatenate(folds)
     if len(f) != len(y):
@@ -42,15 +42,16 @@ def main(argv=None) -> int:
     fold = ap.parse_args(argv).fold
     prm = params.load()
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    (train_xy, held_xy) = fold_data(fold)
+    p = head.chosen(prm.head)  # the design the head stage chose on validation
+    (train_xy, held_xy) = fold_data(fold, pooled=p.design == "pooled")
     # early stopping watches a slice of the training folds, never the fold being scored
     order = np.random.default_rng(prm.seed + fold).permutation(len(train_xy[1]))
     inner, fit_rows = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10):]
-    with tracking.stage_run(f"kfold@{fold}", {"head": prm.head.model_dump(), "epochs": prm.kfold.epochs}) as run:
+    with tracking.stage_run(f"kfold@{fold}", {"head": p.model_dump(), "epochs": prm.kfold.epochs}) as run:
         model, history = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
-                                   (train_xy[0][inner], train_xy[1][inner]), len(meta["classes"]), prm.head, prm.seed + fold,
-                                   name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
-        prob = predictions.probabilities(model, held_xy[0], flips=models.flip_axes(prm.head))
+                                         (train_xy[0][inner], train_xy[1][inner]), len(meta["classes"]), p,
+                                         prm.seed + fold, name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
+        prob = predictions.probabilities(model, held_xy[0], flips=models.flip_axes(p))
         result = {"fold": fold, **score(held_xy[1], prob),
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:

@@ -58,6 +58,8 @@ def flip_axes(p) -> tuple[tuple[int, ...], ...]:
     then left-right (axis 2), up-down (axis 1) and both, as `p.horizontal_flip` / `p.vertical_flip` enable
     (`p` is the `Head` or the fine-tune's `Augment` params). Predictions average over them (`compose`,
     `predictions.probabilities`)."""
+    if not all(isinstance(f, bool) for f in (p.horizontal_flip, p.vertical_flip)):
+        raise ValueError(f"flips must be decided (true or false), got {p.horizontal_flip!r}, {p.vertical_flip!r}")
     out = [()]
     if p.horizontal_flip:
         out.append((2,))
@@ -66,6 +68,22 @@ def flip_axes(p) -> tuple[tuple[int, ...], ...]:
     if p.horizontal_flip and p.vertical_flip:
         out.append((1, 2))
     return tuple(out)
+
+
+def validation_scores(y: np.ndarray, prob: np.ndarray) -> dict:
+    """What every choice made on validation reads: the threshold chosen there, the accuracy at it and the log loss."""
+    from sklearn.metrics import log_loss
+
+    prob = np.asarray(prob)
+    t = choose_threshold(y, prob)
+    n = 2 if prob.ndim == 1 else prob.shape[1]
+    return {"threshold": t, "accuracy": float((labels(prob, t) == y).mean()),
+            "log_loss": float(log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=np.arange(n)))}
+
+
+def choice_key(scores: dict) -> tuple[float, float]:
+    """The order of candidates judged on validation (`validation_scores`): accuracy, then the lower log loss."""
+    return scores["accuracy"], -scores["log_loss"]
 
 
 def threshold_of(meta: dict) -> float:

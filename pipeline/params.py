@@ -6,7 +6,7 @@ names the file, the key and what is allowed, before any work is done.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,6 +95,7 @@ class Extract(Section):
 
 
 class Head(Section):
+    design: Literal["auto", "map", "pooled"] = "auto"
     conv_filters: int = Field(64, ge=0)
     conv_layers: int = Field(2, ge=1, le=4)
     hidden: int = Field(0, ge=0)
@@ -105,7 +106,7 @@ class Head(Section):
     patience: int = Field(8, ge=1)
     class_weight: Literal["balanced", "none"] = "balanced"
     horizontal_flip: bool = True
-    vertical_flip: bool = False
+    vertical_flip: Union[Literal["auto"], bool] = False   # auto: the head stage tries both on validation
 
 
 class Augment(Section):
@@ -114,8 +115,8 @@ class Augment(Section):
     height_shift: float = Field(0.1, ge=0, lt=1)
     shear: float = Field(0.1, ge=0, lt=1.5)
     zoom: float = Field(0.1, ge=0, lt=1)
-    horizontal_flip: bool = True
-    vertical_flip: bool = False
+    horizontal_flip: Optional[bool] = True
+    vertical_flip: Optional[bool] = False   # fine-tuning: null = as the head's chosen design
 
 
 class Finetune(Section):

@@ -86,11 +86,15 @@ def grad_cam(model, images: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(f"Grad-CAM here needs the TensorFlow backend, not {keras.backend.backend()}")
     features, classifier = model.get_layer("features"), model.get_layer("classifier")
+    pool = None
+    if len(features.output.shape) == 2:  # the pooled head design: look at the top map before its pooling
+        pool = features.layers[-1]
+        features = keras.Model(features.inputs, pool.input)
     x = tf.convert_to_tensor(np.asarray(images, np.float32))
     fmap = features(x, training=False)
     with logits(classifier), tf.GradientTape() as tape:
         tape.watch(fmap)
-        z = classifier(fmap, training=False)
+        z = classifier(fmap if pool is None else pool(fmap), training=False)
         if z.shape[-1] == 1:  # one logit: evidence for class 1, or against it for class 0
             score = z[:, 0] * tf.constant(np.where(predicted == 1, 1.0, -1.0), z.dtype)
         else:

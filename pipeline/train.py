@@ -1,5 +1,5 @@
-"""The training loop shared by head, finetune, bagging and kfold: compile, class weights, and `fit` with its
-callbacks (the best weights by val_loss kept, early stopping, a lower learning rate on plateaus)."""
+"""The training loop shared by head, finetune, bagging and kfold: seeding, compile, class weights, and `fit` with
+its callbacks (the best weights by val_loss kept, early stopping, a lower learning rate on plateaus)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+
+def seed(value: int) -> None:
+    """Seed Python, NumPy and the Keras backend, and make TensorFlow's ops deterministic: two runs of a stage on
+    one machine give the same numbers (across machines, CPU instruction sets and thread counts may still move them)."""
+    keras.utils.set_random_seed(value)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> keras.Model:

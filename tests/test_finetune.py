@@ -83,3 +83,17 @@ def test_augmentation_goes_to_the_loader_on_a_cpu():
     assert finetune.augment_where(Finetune(), gpu) == "model"
     assert finetune.augment_where(Finetune(augment_in="model"), cpu) == "model"
     assert (cpu.mixed_policy, gpu.mixed_policy) == ("mixed_bfloat16", "mixed_float16")
+
+
+def test_open_flips_follow_the_heads_design():
+    """`null` fine-tune flips take the head's chosen design (a flip that hurt the head on validation does not keep
+    the label); a flip set in params stays; an open flip never reaches the warp."""
+    from pipeline import augment
+    from pipeline.params import Augment
+
+    design = {"horizontal_flip": True, "vertical_flip": False}
+    got = finetune.augmentation(Augment(horizontal_flip=None, vertical_flip=None), design)
+    assert (got.horizontal_flip, got.vertical_flip) == (True, False)
+    assert finetune.augmentation(Augment(vertical_flip=True), design).vertical_flip is True
+    with pytest.raises(ValueError, match="resolved by the fine-tune stage"):
+        augment.Augment(Augment(vertical_flip=None))

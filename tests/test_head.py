@@ -1,6 +1,7 @@
 """Head stage: a dense classifier on the features, with its model file, metadata, predictions and curves."""
 import keras
 import numpy as np
+import pytest
 
 from pipeline import head, io, loader, models, paths, predictions, train
 from pipeline.params import Head
@@ -11,9 +12,11 @@ def test_head_outputs(trained):
     assert meta["input"] == "images" and meta["classes"] == ["cats", "dogs"] and meta["image_size"] == 48
     model, _ = models.load(str(trained / paths.MODELS / "head.keras"))
     assert model.output_shape == (None, 1)
-    head = model.get_layer("classifier").get_layer("head")  # the head on feature maps, inside the image-in model
+    head = model.get_layer("classifier").get_layer("head")  # the head on its features, inside the image-in model
     with np.load(trained / paths.PREDICTIONS_DIR / "head.npz") as p:
         x, y = io.load_pair(trained / paths.FEATURES_DIR / "test")
+        if meta["design"]["features"] == "pooled":
+            x = io.load_npy(trained / paths.FEATURES_DIR / "test_pooled.npy")
         assert p["test_prob"].shape == (len(y),) and p["test_y"].tolist() == y.tolist()
         np.testing.assert_allclose(p["test_prob"], predictions.probabilities(head, x), atol=1e-5)
         assert ((p["val_prob"] >= 0.5) == p["val_y"]).mean() >= 0.75  # the toy classes are learnable
@@ -52,7 +55,9 @@ def test_conv_head_or_pooling_head():
     conv = head.build((6, 6, 8), 2, Head(conv_filters=4, conv_layers=2, hidden=0))
     convs = [l for l in conv.layers if isinstance(l, keras.layers.Conv2D)]
     assert [l.name for l in convs] == ["head_conv1", "head_conv2"] and convs[0].filters == 4
-    assert conv.get_layer("head_flip").mode == "horizontal"  # the schema's defaults: left-right flips only
+    assert conv.get_layer("head_flip").mode == "horizontal"  # left-right flips only
+    with pytest.raises(ValueError, match="resolve `vertical_flip: auto` first"):
+        head.build((6, 6, 8), 2, Head(vertical_flip="auto"))  # the head stage decides that on validation
     pooled = head.build((6, 6, 8), 2, Head(conv_filters=0, horizontal_flip=False))
     assert not any(isinstance(l, (keras.layers.Conv2D, keras.layers.RandomFlip)) for l in pooled.layers)
     flat = head.build((8,), 2, Head())  # a flat feature vector: no map-only layers
@@ -99,3 +104,29 @@ def test_conv_head_finds_a_local_spot_wherever_it_is():
     model, _ = head.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
     prob = predictions.probabilities(model, x[240:], flips=models.flip_axes(p))
     assert ((prob >= 0.5) == y[240:]).mean() >= 0.9
+
+
+def test_head_designs_to_try():
+    auto = head.candidates(Head(vertical_flip="auto"))
+    assert [(p.design, p.vertical_flip) for p in auto] == [("map", False), ("map", True), ("pooled", False)]
+    assert [head.design_name(p) for p in auto] == ["map (flips h)", "map (flips h+v)", "pooled"]
+    assert [(p.design, p.vertical_flip) for p in head.candidates(Head(design="map", vertical_flip=True))] == [("map", True)]
+    assert len(head.candidates(Head(design="pooled"))) == 1
+
+
+def test_the_design_is_chosen_on_validation_without_reading_test_rows(trained_copy):
+    """The head stage trains every design and keeps the best on validation: replacing every test feature by noise
+    changes neither the choice nor any validation score (and two runs give the same numbers: seeded,
+    deterministic ops)."""
+    from conftest import run_stages
+
+    run_stages("head")
+    before = io.read_json(paths.METRICS / "head_designs.json")
+    assert len(before["designs"]) == 2 and before["chosen"] in {d["design"] for d in before["designs"]}
+    assert io.read_json(paths.MODELS / "head.json")["design"]["features"] in ("map", "pooled")
+    rng = np.random.default_rng(0)
+    for name in ("test_x.npy", "test_pooled.npy"):
+        clean = io.load_npy(paths.FEATURES_DIR / name, mmap=False)
+        io.save_npy(paths.FEATURES_DIR / name, rng.normal(0, 100, clean.shape).astype(clean.dtype))
+    run_stages("head")
+    assert io.read_json(paths.METRICS / "head_designs.json") == before

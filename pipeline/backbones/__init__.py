@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from pipeline.backbones.core import (NAMED_WEIGHTS, RANDOM_INIT_SEED, Spec, build_base, check_layer, cut_layers,
-                                     describe, full_model, label, resolve_weights, unfreeze_from)
+from pipeline.backbones.core import (NAMED_WEIGHTS, RANDOM_INIT_SEED, Spec, build_base, build_extractor, check_layer,
+                                     cut_layers, describe, full_model, label, resolve_weights, unfreeze_from)
 
 MODULES = {
     "efficientnet_lite0": "efficientnet_lite",
@@ -23,8 +23,8 @@ MODULES = {
     "small_cnn": "small_cnn",
 }
 
-__all__ = ["MODULES", "NAMED_WEIGHTS", "RANDOM_INIT_SEED", "Spec", "build_base", "check_layer", "custom_objects",
-           "cut_layers", "describe", "full_model", "get", "label", "names", "resolve_weights", "spec", "unfreeze_from"]
+__all__ = ["MODULES", "NAMED_WEIGHTS", "RANDOM_INIT_SEED", "Spec", "build_base", "build_extractor", "check_layer",
+           "custom_objects", "cut_layers", "describe", "full_model", "get", "label", "names", "resolve_weights", "spec", "unfreeze_from"]
 
 
 def names() -> list[str]:

@@ -36,6 +36,7 @@ class Spec:
     weights: dict[str, str]   # accepted `backbone.weights` names -> what `build` loads ('none': random init)
     sources: dict[str, str]   # what `build` loads -> its words in the label, e.g. 'hed' -> 'HED-trained trunk'
     weights_hint: str = ""    # why a weights name is missing from `weights`, added to that error
+    top: str = ""             # the last feature map, which the pooled head design averages ("" = default_cut)
 
 
 def _registry() -> ModuleType:
@@ -151,18 +152,32 @@ def check_layer(model: keras.Model, layer: str, param: str) -> None:
                          f"valid names: {', '.join(valid)}")
 
 
-def build_base(name: str, weights: str = "default", image_size: int = 224, cut_layer: str | None = None) -> keras.Model:
-    """The backbone from raw pixels to the 4-D feature map at `cut_layer` (default: the spec's `default_cut`).
+def build_base(name: str, weights: str = "default", image_size: int = 224, cut_layer: str | None = None,
+               pooled: bool = False) -> keras.Model:
+    """The backbone from raw pixels to the 4-D feature map at `cut_layer` (default: the spec's `default_cut`) or,
+    with `pooled`, to the vector of its top map (`Spec.top`) averaged over the positions.
 
-    The model is named `{name}_base`: saved model files contain that name.
+    The model is named `{name}_base` (`{name}_pooled_base`): saved model files contain that name.
     """
     import keras
 
+    map_model = build_extractor(name, weights, image_size, cut_layer)
+    output = map_model.outputs[1 if pooled else 0]
+    return keras.Model(map_model.inputs, output, name=f"{name}_pooled_base" if pooled else f"{name}_base")
+
+
+def build_extractor(name: str, weights: str = "default", image_size: int = 224,
+                    cut_layer: str | None = None) -> keras.Model:
+    """One forward pass, two outputs: the feature map at the cut and the pooled top (see `build_base`); what the
+    extract stage stores, so that the head stage can choose between its designs without a second pass."""
+    import keras
+
     backbone = _backbone(name)
-    cut = _cut(backbone.SPEC, cut_layer)
+    cut, top = _cut(backbone.SPEC, cut_layer), backbone.SPEC.top or backbone.SPEC.default_cut
     model = _full_model(backbone, weights, image_size)
     check_layer(model, cut, "backbone.cut_layer")
-    return keras.Model(model.inputs, model.get_layer(cut).output, name=f"{name}_base")
+    pooled = keras.layers.GlobalAveragePooling2D(name="top_pool")(model.get_layer(top).output)
+    return keras.Model(model.inputs, [model.get_layer(cut).output, pooled], name=f"{name}_extractor")
 
 
 def unfreeze_from(base: keras.Model, layer: str | None, name: str) -> list[str]:

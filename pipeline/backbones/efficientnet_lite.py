@@ -32,7 +32,7 @@ SPEC = Spec(
     "(x - 127) / 128 on RGB 0..255",
     # Keras ships no Lite0: its 'imagenet' is the same offline, converted ImageNet weights as 'default'.
     weights={"default": "imagenet", "imagenet": "imagenet", "none": "none"},
-    sources={"imagenet": "ImageNet", "none": "random init"})
+    sources={"imagenet": "ImageNet", "none": "random init"}, top="top_activation")
 
 # (expand ratio, kernel, stride, repeats, output channels) of the 7 stages
 STAGES = [(1, 3, 1, 1, 16), (6, 3, 2, 2, 24), (6, 5, 2, 2, 40), (6, 3, 2, 3, 80),

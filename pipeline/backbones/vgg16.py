@@ -24,7 +24,7 @@ SPEC = Spec(
     "vgg16", "VGG16", "block4_pool", "block4_conv1", 32,
     "RGB -> BGR, minus the caffe ImageNet mean [103.939, 116.779, 123.68] (= keras vgg16.preprocess_input)",
     weights={"default": "hed", "hed": "hed", "imagenet": "imagenet", "none": "none"},
-    sources={"hed": "HED-trained trunk", "imagenet": "ImageNet", "none": "random init"})
+    sources={"hed": "HED-trained trunk", "imagenet": "ImageNet", "none": "random init"}, top="block5_pool")
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 CONV_LAYERS = [f"block{b}_conv{i}" for b, n in enumerate((2, 2, 3, 3, 3), start=1) for i in range(1, n + 1)]

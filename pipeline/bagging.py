@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
                                          len(meta["classes"]), p, seed, name=f"member_{member}",
                                          callbacks=[tracking.keras_callback(run)], verbose=0)
-        flips = models.flip_axes(p)
+        flips = head.flips_of(p)
         probs = {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         models.save(model, name, {
             "name": name, "input": "features", "classes": meta["classes"], "member": member, "seed": seed,

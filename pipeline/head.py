@@ -101,6 +101,11 @@ def candidates(p: Head) -> list[Head]:
     return out
 
 
+def flips_of(p: Head) -> tuple[tuple[int, ...], ...]:
+    """The feature-map flips design `p` trains on and averages over (`models.flip_axes`); none for the pooled top."""
+    return models.flip_axes(p) if p.design == "map" else ((),)
+
+
 def design_name(p: Head) -> str:
     flips = "+".join(f for f, on in (("h", p.horizontal_flip), ("v", p.vertical_flip)) if on) or "none"
     return f"{p.design}" + (f" (flips {flips})" if p.design == "map" else "")
@@ -123,7 +128,7 @@ def fit_design(p: Head, data: dict, n_classes: int, seed: int, callbacks=(), nam
     probabilities averaged over the design's flips for the validation and test splits."""
     model, history = train_head(data["train"], data["val"], n_classes, p, seed, name=name, callbacks=callbacks,
                                 verbose=verbose)
-    flips = models.flip_axes(p)
+    flips = flips_of(p)
     return model, history, {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
 
 
@@ -145,14 +150,18 @@ def main(argv=None) -> int:
         p, head, history, probs, scores = max(tried, key=lambda t: models.choice_key(t[4]))
         data = features[p.design == "pooled"]
         print(f"head: chose {design_name(p)} on validation" + (f" among {len(tried)} designs" if len(tried) > 1 else ""))
+        # the flips that keep the label, for fine-tuning: those of the chosen map design or, for the pooled top
+        # (flips do not apply to a vector), those of the best map design tried, when one was
+        maps = [t for t in tried if t[0].design == "map"]
+        flips_from = p if p.design == "map" or not maps else max(maps, key=lambda t: models.choice_key(t[4]))[0]
         design = {"features": p.design, "layer": meta["pooled_layer"] if p.design == "pooled" else meta["cut_layer"],
-                  "horizontal_flip": p.horizontal_flip, "vertical_flip": p.vertical_flip,
+                  "horizontal_flip": flips_from.horizontal_flip, "vertical_flip": flips_from.vertical_flip,
                   "chosen_by": "validation accuracy at the threshold chosen on validation; ties: lower validation "
                                "log loss"}
         io.write_json(paths.METRICS / "head_designs.json", {
             "chosen": design_name(p), "designs": [{"design": design_name(q), **{f"val_{k}": v for k, v in s.items()},
                                                    "epochs": len(h)} for q, _, h, _, s in tried]})
-        flips = models.flip_axes(p)
+        flips = flips_of(p)
         model = models.compose(extract.features_model(meta, pooled=p.design == "pooled"), [head], map_flips=flips,
                                name="head")
         models.save(model, "head", models.meta_for(

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         model, history = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
                                          (train_xy[0][inner], train_xy[1][inner]), len(meta["classes"]), p,
                                          prm.seed + fold, name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
-        prob = predictions.probabilities(model, held_xy[0], flips=models.flip_axes(p))
+        prob = predictions.probabilities(model, held_xy[0], flips=head.flips_of(p))
         result = {"fold": fold, **score(held_xy[1], prob),
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:

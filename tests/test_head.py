@@ -130,3 +130,21 @@ def test_the_design_is_chosen_on_validation_without_reading_test_rows(trained_co
         io.save_npy(paths.FEATURES_DIR / name, rng.normal(0, 100, clean.shape).astype(clean.dtype))
     run_stages("head")
     assert io.read_json(paths.METRICS / "head_designs.json") == before
+
+
+def test_a_pooled_head_ignores_map_flips_and_passes_on_the_best_map_flips(trained_copy):
+    """Flips do not apply to the pooled vector (the model averages over none); the design still records the
+    flips of the best map head tried, for fine-tuning's augmentation."""
+    from conftest import run_stages, set_params
+
+    set_params({"head": {"design": "auto", "horizontal_flip": True, "vertical_flip": "auto"}})
+    run_stages("head")
+    tried = io.read_json(paths.METRICS / "head_designs.json")["designs"]
+    assert [d["design"] for d in tried] == ["map (flips h)", "map (flips h+v)", "pooled"]
+    set_params({"head": {"design": "pooled"}})
+    run_stages("head")
+    meta = io.read_json(paths.MODELS / "head.json")
+    assert meta["design"]["features"] == "pooled" and meta["tta_flips"]["features"] == [[]]
+    assert meta["design"]["horizontal_flip"] is True and meta["design"]["vertical_flip"] is False
+    model, _ = models.load("head")
+    assert model.get_layer("features").output.shape[1:] == (128,)  # small_cnn's block4_pool, averaged

@@ -170,6 +170,7 @@ def main(argv=None) -> int:
             feature_shape=list(data["train"][0].shape[1:]), design=design))
         predictions.save("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         plots = curves.save(history, "head", run, y_train=data["train"][1])
+        tracking.log_history(run, history)
         tracking.log_files(run, models.meta_path("head"), paths.METRICS / "head_designs.json", *plots)
         if run:
             run.log_params({"chosen_design": design_name(p)})

@@ -155,6 +155,15 @@ def keras_callback(mlflow):
     return EpochMetrics()
 
 
+def log_history(mlflow, history) -> None:
+    """A finished fit's per-epoch metrics (`train.fit`'s history) into the run, as `keras_callback` logs them live:
+    for a model chosen among several after they were all trained."""
+    if mlflow is None:
+        return
+    for row in history.to_dict("records"):
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]) - 1)
+
+
 def log_files(mlflow, *files, artifact_path: str | None = None) -> None:
     if mlflow is None:
         return

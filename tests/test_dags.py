@@ -122,8 +122,8 @@ def test_pipeline_dag_structure(dagbag):
     assert dag["schedule"] == params["schedule"]["cron"] and dag["catchup"] is False and dag["max_active_runs"] == 1
     up = {t: set(v["upstream"]) for t, v in tasks.items()}
     assert up == {"sources": set(), "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
-                  "extract": {"cache"}, "head": {"extract"}, "finetune": {"head"}, "bagging": {"extract"},
-                  "ensemble": {"bagging"}, "kfold": {"extract"}, "evaluate": {"finetune", "ensemble", "kfold"},
+                  "extract": {"cache"}, "head": {"extract"}, "finetune": {"head"}, "bagging": {"head"},
+                  "ensemble": {"bagging"}, "kfold": {"head"}, "evaluate": {"finetune", "ensemble", "kfold"},
                   "register": {"evaluate"}}
     assert {t for t, v in tasks.items() if v["mapped"]} == {"bagging", "kfold"}
     assert dag["expand"] == {"bagging": params["bagging"]["members"], "kfold": params["kfold"]["folds"]}

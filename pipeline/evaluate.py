@@ -22,7 +22,7 @@ from sklearn import metrics as skm
 from pipeline import bagging, ensemble, figures, io, models, params, paths, predictions, report, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
-SELECTED_BY = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
+SELECTED_BY = models.CHOICE_RULE
 
 
 def load_predictions(name: str) -> dict:

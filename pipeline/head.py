@@ -156,8 +156,7 @@ def main(argv=None) -> int:
         flips_from = p if p.design == "map" or not maps else max(maps, key=lambda t: models.choice_key(t[4]))[0]
         design = {"features": p.design, "layer": meta["pooled_layer"] if p.design == "pooled" else meta["cut_layer"],
                   "horizontal_flip": flips_from.horizontal_flip, "vertical_flip": flips_from.vertical_flip,
-                  "chosen_by": "validation accuracy at the threshold chosen on validation; ties: lower validation "
-                               "log loss"}
+                  "chosen_by": models.CHOICE_RULE}
         io.write_json(paths.METRICS / "head_designs.json", {
             "chosen": design_name(p), "designs": [{"design": design_name(q), **{f"val_{k}": v for k, v in s.items()},
                                                    "epochs": len(h)} for q, _, h, _, s in tried]})

@@ -81,8 +81,11 @@ def validation_scores(y: np.ndarray, prob: np.ndarray) -> dict:
             "log_loss": float(log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=np.arange(n)))}
 
 
+CHOICE_RULE = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
+
+
 def choice_key(scores: dict) -> tuple[float, float]:
-    """The order of candidates judged on validation (`validation_scores`): accuracy, then the lower log loss."""
+    """The order of candidates judged on validation (`validation_scores`), as `CHOICE_RULE` says."""
     return scores["accuracy"], -scores["log_loss"]
 
 

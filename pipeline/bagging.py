@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             "threshold": models.choose_threshold(data["val"][1], probs["val"]), "image_size": meta["image_size"],
             "backbone": head.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
             "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows))),
-            "design": head.design_of(models.read_meta("head"))})
+            "design": models.read_meta("head")["design"]})
         predictions.save(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
         tracking.log_files(run, models.meta_path(name), *curves.save(history, name, run, data["train"][1][rows]))
         if run:

@@ -32,9 +32,12 @@ def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", d
 def load_features(split: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of one split, as this stage wrote them (read into memory): the maps, or with `pooled`
     the pooled top vectors."""
-    x, y = io.load_pair(paths.FEATURES_DIR / split, mmap=False)
-    if pooled:
-        x = io.load_npy(paths.FEATURES_DIR / f"{split}_pooled.npy", mmap=False)
+    if not pooled:
+        return io.load_pair(paths.FEATURES_DIR / split, mmap=False)
+    x = io.load_npy(paths.FEATURES_DIR / f"{split}_pooled.npy", mmap=False)  # not the maps: they are not needed
+    y = io.load_npy(paths.FEATURES_DIR / f"{split}_y.npy", mmap=False)
+    if len(x) != len(y):
+        raise ValueError(f"{paths.FEATURES_DIR}/{split}_pooled.npy and {split}_y.npy disagree: rerun `dvc repro extract`")
     return x, y
 
 
@@ -62,9 +65,8 @@ def main(argv=None) -> int:
                 io.save_pair(out / split, features, labels)
                 io.save_npy(out / f"{split}_pooled.npy", pooled)
                 shapes[split], pooled_shapes[split] = list(features.shape), list(pooled.shape)
-            top = backbones.spec(bb.name).top or backbones.spec(bb.name).default_cut
             info = {**backbones.describe(bb.name, bb.weights, bb.cut_layer, size), "dtype": p.dtype, "shapes": shapes,
-                    "pooled_layer": top, "pooled_shapes": pooled_shapes, "classes": meta["classes"],
+                    "pooled_layer": backbones.spec(bb.name).top_layer, "pooled_shapes": pooled_shapes, "classes": meta["classes"],
                     "device": dev.kind}
             io.write_json(out / "meta.json", info)
             io.write_text(out / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())

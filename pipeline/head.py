@@ -111,23 +111,17 @@ def design_name(p: Head) -> str:
     return f"{p.design}" + (f" (flips {flips})" if p.design == "map" else "")
 
 
-def design_of(meta: dict) -> dict:
-    """The design recorded in a head's JSON, for `chosen`."""
-    return meta["design"]
-
-
 def chosen(p: Head) -> Head:
     """The head stage's chosen design (models/head.json) as resolved params: what bagging and kfold train."""
-    d = design_of(models.read_meta("head"))
+    d = models.read_meta("head")["design"]
     return p.model_copy(update={"design": d["features"], "vertical_flip": d["vertical_flip"],
                                 "horizontal_flip": d["horizontal_flip"]})
 
 
-def fit_design(p: Head, data: dict, n_classes: int, seed: int, callbacks=(), name: str = "head", verbose: int = 2):
+def fit_design(p: Head, data: dict, n_classes: int, seed: int, verbose: int = 2):
     """Train a head of design `p` on its kind of features; (model, history, {split: probabilities}) with the
     probabilities averaged over the design's flips for the validation and test splits."""
-    model, history = train_head(data["train"], data["val"], n_classes, p, seed, name=name, callbacks=callbacks,
-                                verbose=verbose)
+    model, history = train_head(data["train"], data["val"], n_classes, p, seed, verbose=verbose)
     flips = flips_of(p)
     return model, history, {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
 

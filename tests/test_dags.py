@@ -344,3 +344,70 @@ def test_the_workspace_lock_keeps_tasks_apart(tmp_path):
              for _ in range(3)]
     assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0]
     assert (tmp_path / "log").read_text().split() == ["start", "end"] * 3
+
+
+# ---------------------------------------------------------------------------------- `make airflow`: loopback only
+
+def _listening(procs) -> set[tuple[str, int]]:
+    import psutil
+
+    out = set()
+    for p in procs:
+        try:
+            out |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def test_make_airflow_listens_on_loopback_only_and_stops_cleanly(tmp_path):
+    """`bin/ui-airflow` (what `make airflow` runs): once every component reports healthy, every socket its
+    processes listen on is on 127.0.0.1 (no `serve-logs` on 0.0.0.0:8793/8794); SIGTERM (as Ctrl-C) leaves no
+    process and no listener behind."""
+    import socket
+    import time
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**airflow_env(tmp_path / "airflow_home", DAGS), "AIRFLOW_PORT": str(port)}
+    log = open(tmp_path / "airflow.log", "w")
+    proc = subprocess.Popen([str(ROOT / "bin" / "ui-airflow")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    script = psutil.Process(proc.pid)
+    try:
+        health, deadline = {}, time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=5) as r:
+                    health = json.loads(r.read())
+                if all(health.get(c, {}).get("status") == "healthy" for c in ("scheduler", "triggerer", "dag_processor")):
+                    break
+            except OSError:
+                pass
+            time.sleep(3)
+        assert health.get("scheduler", {}).get("status") == "healthy", \
+            f"Airflow did not become healthy: {health}\n{(tmp_path / 'airflow.log').read_text()[-3000:]}"
+        procs = [script, *script.children(recursive=True)]
+        names = " ".join(" ".join(p.cmdline()) for p in procs if p.is_running())  # the API server retitles itself
+        assert all(c in names for c in ("api_server", "scheduler", "dag-processor", "triggerer")), names
+        listening = _listening(procs)
+        assert ("127.0.0.1", port) in listening
+        assert {ip for ip, _ in listening} == {"127.0.0.1"}, f"listening beyond loopback: {sorted(listening)}"
+    finally:
+        children = script.children(recursive=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=90)
+        finally:
+            log.close()
+            gone, alive = psutil.wait_procs(children, timeout=30)
+            for p in alive:
+                p.kill()
+    assert proc.returncode == 130
+    assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open after stopping"

@@ -1,7 +1,8 @@
 """Frozen feature extractors ("backbones") shared by the extract, finetune and predict stages: the registry.
 
 `MODULES` is the one list of backbones: the name `backbone.name` takes, and the module of this package that owns
-everything about it: `SPEC` (a `core.Spec`: default cut and unfreeze layers, preprocessing, the weights it
+everything about it (or `module:ATTR`, an object of a module that holds a family, such as the EfficientNet-Lite
+variants): `SPEC` (a `core.Spec`: default cut and unfreeze layers, preprocessing, the weights it
 accepts), `build(image_size, weights)` and, when it has custom Keras layers, `CUSTOM_OBJECTS`. Adding a backbone is
 one new module and one line here. The generic machinery lives in `core` and is re-exported, so callers use
 `backbones.build_base(...)`, `backbones.describe(...)`, ...
@@ -18,7 +19,9 @@ from pipeline.backbones.core import (NAMED_WEIGHTS, RANDOM_INIT_SEED, Spec, buil
                                      cut_layers, describe, full_model, label, resolve_weights, unfreeze_from)
 
 MODULES = {
-    "efficientnet_lite0": "efficientnet_lite",
+    "efficientnet_lite0": "efficientnet_lite:LITE0",
+    "efficientnet_lite1": "efficientnet_lite:LITE1",
+    "efficientnet_lite2": "efficientnet_lite:LITE2",
     "vgg16": "vgg16",
     "small_cnn": "small_cnn",
 }
@@ -32,13 +35,15 @@ def names() -> list[str]:
 
 
 def get(name: str) -> ModuleType:
-    """The module of backbone `name`."""
+    """The module (or family member) of backbone `name`: what has its `SPEC` and `build`."""
     if name not in MODULES:
         raise ValueError(f"backbone.name '{name}' is unknown; choose one of {names()}")
-    module = importlib.import_module(f"{__name__}.{MODULES[name]}")
-    if module.SPEC.name != name:
-        raise RuntimeError(f"{module.__name__} describes backbone '{module.SPEC.name}', not '{name}': fix MODULES")
-    return module
+    module_name, _, attr = MODULES[name].partition(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    owner = getattr(module, attr) if attr else module
+    if owner.SPEC.name != name:
+        raise RuntimeError(f"{MODULES[name]} describes backbone '{owner.SPEC.name}', not '{name}': fix MODULES")
+    return owner
 
 
 def spec(name: str) -> Spec:

@@ -75,7 +75,7 @@ class Cache(Section):
 
 
 class Backbone(Section):
-    name: str = "efficientnet_lite0"
+    name: str = "efficientnet_lite1"
     weights: str = "default"
     cut_layer: Optional[str] = None
 

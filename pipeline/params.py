@@ -120,7 +120,7 @@ class Augment(Section):
 
 
 class Finetune(Section):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     unfreeze_from: Optional[str] = None
@@ -131,7 +131,7 @@ class Finetune(Section):
 
 
 class Bagging(Section):
-    members: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
+    members: list[int] = Field([0, 1, 2, 3], min_length=1)
     sample_fraction: float = Field(1.0, gt=0, le=1)
 
 

@@ -120,7 +120,7 @@ class Augment(Section):
 
 
 class Finetune(Section):
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     unfreeze_from: Optional[str] = None

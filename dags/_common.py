@@ -6,8 +6,8 @@ folder is on `sys.path`: Airflow's DAG bundle puts it there, and the DAG files a
 Kept light on purpose: a DAG file is parsed again and again by the DAG processor, so nothing here imports
 TensorFlow, Keras, great_expectations, MLflow or DVC. Only the standard library, PyYAML and the project's
 light modules (`pipeline.inventory`, `pipeline.io`, and `pipeline.params`, whose pydantic Airflow loads anyway),
-plus the Airflow SDK inside `stage_tasks`. Heavy work happens in the stage subprocesses (`dvc repro --single-item
-<stage>`), each in the project directory with the project's virtualenv first on PATH.
+plus the Airflow SDK inside `stage_tasks`. Heavy work happens in the stage subprocesses (`python -m pipeline.workspace
+stage <stage>`), each in the project directory with the project's virtualenv first on PATH.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ START_DATE = datetime(2025, 1, 1, tzinfo=timezone.utc)
 GPU_POOL = "gpu"
 GPU_STAGES = frozenset({"extract", "finetune", "bagging"})
 GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, finetune, bagging); slots = params.yaml schedule.gpu_slots"
+# On a cluster they also go to the Celery queue `schedule.gpu_queue`: "gpu" sends them to the workers started with
+# `--queues default,gpu` (those with a GPU); the default, "default", lets every worker take them.
 
 
 def load_params(root: Path = PROJECT) -> dict:
@@ -47,11 +49,12 @@ def schedule(params: dict) -> dict:
 
 
 def default_args(params: dict) -> dict:
-    """Retries with exponential backoff: waits of 1-2, 2-4, 4-8 ... minutes (Airflow adds per-task jitter up to
-    the same again), capped at 30 minutes."""
+    """Retries with exponential backoff: with the default `schedule.retry_delay_seconds` (60), waits of 1-2, 2-4,
+    4-8 ... minutes (Airflow adds per-task jitter up to the same again), capped at 30 minutes."""
+    s = schedule(params)
     return {
-        "retries": int(schedule(params)["retries"]),
-        "retry_delay": timedelta(minutes=1),
+        "retries": int(s["retries"]),
+        "retry_delay": timedelta(seconds=s["retry_delay_seconds"]),
         "retry_exponential_backoff": 2.0,  # Airflow 3.3: a multiplier; the old `True` means 1.0, a constant delay
         "max_retry_delay": timedelta(minutes=30),
     }
@@ -131,26 +134,22 @@ def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, d
 
 # ---------------------------------------------------------------------------------------------------- tasks
 
+def with_venv(command: str, root: Path = PROJECT) -> str:
+    """`command` in the project directory with the virtualenv first on PATH."""
+    return f"export PATH={shlex.quote(str(venv_bin(root)))}:\"$PATH\" && cd {shlex.quote(str(root))} && {command}"
+
+
 def in_project(command: str, outs: list[str], root: Path = PROJECT) -> str:
-    """`command` in the project directory with the virtualenv first on PATH; on success the last stdout line,
-    the task's XCom, is the JSON list of files the command owns (tasks pass paths, never data)."""
-    return (f"export PATH={shlex.quote(str(venv_bin(root)))}:\"$PATH\" && cd {shlex.quote(str(root))} && "
-            f"{command} && echo {shlex.quote(json.dumps(outs))}")
-
-
-WORKSPACE_LOCK = Path(".dvc") / "tmp" / "workspace.lock"
-
-
-def locked(command: str) -> str:
-    """`command` holding the working tree's lock (`flock` on WORKSPACE_LOCK): tasks of both DAGs that use this
-    working tree run one at a time, and the kernel releases the lock when a task dies, even by SIGKILL."""
-    return f"mkdir -p {shlex.quote(str(WORKSPACE_LOCK.parent))} && flock {shlex.quote(str(WORKSPACE_LOCK))} {command}"
+    """`with_venv(command)`; on success the last stdout line, the task's XCom, is the JSON list of files the
+    command owns (tasks pass paths, never data)."""
+    return with_venv(f"{command} && echo {shlex.quote(json.dumps(outs))}", root)
 
 
 def stage_command(target: str, outs: list[str], root: Path = PROJECT) -> str:
-    """Run one DVC stage (or foreach instance, `bagging@0`) alone, under the working tree's lock (`locked`);
-    `--wait-for-lock` as well, for a `dvc` run by hand beside the DAGs."""
-    return in_project(locked(f"dvc --wait-for-lock repro --single-item {shlex.quote(target)}"), outs, root)
+    """Run one DVC stage (or foreach instance, `bagging@0`) through `pipeline.workspace`: here, under the working
+    tree's lock (`dvc repro --single-item`); on a cluster worker, in the run's own clone with the data travelling
+    through the DVC remote."""
+    return in_project(f"python -m pipeline.workspace stage {shlex.quote(target)}", outs, root)
 
 
 STAGE_ENV = {
@@ -158,6 +157,8 @@ STAGE_ENV = {
     "PIPELINE_RUN_ID": "{{ run_id }}",
     # Registration is the DAG's own `register` task, not a side effect of the evaluate stage.
     "PIPELINE_REGISTER": "off",
+    # The git commit the run builds, resolved once by the `commit` task (cluster workers clone it).
+    "PIPELINE_COMMIT": "{{ ti.xcom_pull(task_ids='commit') or '' }}",
     "PYTHONUNBUFFERED": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
@@ -176,10 +177,11 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list,
     """
     from airflow.sdk import task
 
+    params = load_params(root) if params is None else params
     graph = stage_graph(root, params)
     tasks = {}
     for name, info in graph.items():
-        extra = {"pool": GPU_POOL} if name in GPU_STAGES else {}
+        extra = {"pool": GPU_POOL, "queue": schedule(params)["gpu_queue"]} if name in GPU_STAGES else {}
         below_mapped = any(graph[up]["items"] is not None for up in info["upstream"])
         if below_mapped:  # an empty foreach list skips its mapped task; that must not skip what follows
             extra["trigger_rule"] = "none_failed"
@@ -207,15 +209,31 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list,
 
 def register_task(root: Path = PROJECT):
     """The `register` task: the selected model into the registry if it passes the gate and beats the registered
-    version on the current test split (`python -m pipeline.tracking register --if-better`; succeeds either way)."""
+    version on the current test split (`python -m pipeline.tracking register --if-better`; succeeds either way),
+    run where the evaluate stage's outputs are (`pipeline.workspace exec`)."""
     from airflow.sdk import task
 
     @task.bash(task_id="register", **{**bash_kwargs(root), "env": {k: v for k, v in STAGE_ENV.items()
                                                                      if k != "PIPELINE_REGISTER"}})
     def register() -> str:
-        return in_project(locked("python -m pipeline.tracking register --if-better"), [], root)
+        return in_project("python -m pipeline.workspace exec evaluate -- "
+                          "python -m pipeline.tracking register --if-better", [], root)
 
     return register()
+
+
+def commit_task(root: Path = PROJECT):
+    """The `commit` task, first of every run: the git commit the run builds (its XCom), from the trigger's conf
+    `commit` or the repository's HEAD at the start of the run, so every task of the run, on any worker, builds the
+    same code and params."""
+    from airflow.sdk import task
+
+    @task.bash(task_id="commit", env={"PIPELINE_COMMIT": "{{ dag_run.conf.get('commit', '') if dag_run.conf else '' }}"},
+               append_env=True, cwd=str(root), retries=0)
+    def commit() -> str:
+        return with_venv("python -m pipeline.workspace commit", root)
+
+    return commit()
 
 
 # ---------------------------------------------------------------------------------------------------- data hash

@@ -7,13 +7,17 @@ dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
 
 - Order: the dvc.yaml graph: split -> validate -> cache -> extract -> head -> finetune, bagging members and
   k-fold folds (mapped tasks, one per id in params.yaml `bagging.members` / `kfold.folds`) -> evaluate.
-- Schedule: params.yaml `schedule.cron` (default weekly, Monday 03:00 UTC), no catch-up, one run at a time.
+- Schedule: params.yaml `schedule.cron` (default weekly, Monday 03:00 UTC), no catch-up, `schedule.max_active_runs`
+  runs at once (1).
 - GPU: extract, finetune and bagging take a slot of the Airflow pool `gpu`, created by `bin/ui-airflow` with
   `airflow pools set gpu <schedule.gpu_slots> "..."`, so at most that many of them share the accelerator.
   Each stage logs whether it runs on GPU or CPU.
-- Retries: params.yaml `schedule.retries`, exponential backoff from 1 minute (capped at 30).
-- Working tree: every task holds the tree's lock (`_common.locked`), so runs of this DAG and of
-  `retrain_on_new_data` never work in it at the same time.
+- Retries: params.yaml `schedule.retries`, exponential backoff from `schedule.retry_delay_seconds` (capped at 30
+  minutes).
+- Where: `python -m pipeline.workspace` (see its docs). On one machine every task holds the working tree's lock,
+  so runs of this DAG and of `retrain_on_new_data` never work in it at the same time. On a cluster (`make cluster`)
+  each Celery worker builds the run's commit (the first task, `commit`) in a clone of its own, and the stages'
+  outputs travel through the DVC remote; runs may then overlap (`schedule.max_active_runs`).
 - Registry: the last task, `register`, registers the model evaluate selected on validation if it passes
   `evaluate.gate` and beats the registered version on the current test split.
 - MLflow: every task gets `PIPELINE_RUN_ID` = the Airflow run id, so the run's stages become nested runs of one
@@ -29,7 +33,9 @@ from airflow.sdk import DAG
 
 if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
     sys.path.append(_here)  # Airflow's DAG bundles add it; a bare DagBag (tests) does not
-from _common import START_DATE, default_args, load_params, register_task, schedule, stage_tasks  # noqa: E402
+from _common import (  # noqa: E402
+    START_DATE, commit_task, default_args, load_params, register_task, schedule, stage_tasks,
+)
 
 params = load_params()
 
@@ -39,10 +45,12 @@ with DAG(
     schedule=schedule(params)["cron"],
     start_date=START_DATE,
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=schedule(params)["max_active_runs"],
     default_args=default_args(params),
     doc_md=__doc__,
     tags=["transfer-learning", "dvc"],
 ):
-    _, last = stage_tasks(params=params)
+    commit = commit_task()
+    first, last = stage_tasks(params=params)
+    commit >> first
     last >> register_task()

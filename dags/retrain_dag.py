@@ -12,8 +12,8 @@
    model is registered only if it scores better (the task succeeds either way).
 4. `record_hash`: writes the hash to `data/source_hash.txt` (atomically), so the same data is not retrained on.
 
-Every task that touches the working tree holds its lock (`_common.locked`), so runs of this DAG and of
-`transfer_pipeline` never work in it at the same time. GPU pool, retries and the MLflow run id work as in
+Stage tasks and `register` run through `pipeline.workspace`, as in `transfer_pipeline`: under the working tree's
+lock on one machine, in per-run clones on a cluster. GPU pool, retries and the MLflow run id work as in
 `transfer_pipeline` (see its docs).
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from airflow.sdk import DAG, Param, get_current_context, task
 if (_here := str(Path(__file__).resolve().parent)) not in sys.path:
     sys.path.append(_here)  # Airflow's DAG bundles add it; a bare DagBag (tests) does not
 from _common import (  # noqa: E402
-    START_DATE, SOURCE_HASH_FILE, content_hash, data_source, default_args, load_params, record_hash, recorded_hash,
-    register_task, stage_tasks,
+    START_DATE, SOURCE_HASH_FILE, commit_task, content_hash, data_source, default_args, load_params, record_hash, recorded_hash,
+    register_task, schedule, stage_tasks,
 )
 
 params = load_params()
@@ -38,7 +38,7 @@ with DAG(
     schedule="*/30 * * * *",
     start_date=START_DATE,
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=schedule(params)["max_active_runs"],
     default_args=default_args(params),
     params={"force": Param(False, type="boolean", description="retrain even if the data did not change")},
     doc_md=__doc__,
@@ -60,7 +60,8 @@ with DAG(
         return str(record_hash(value))
 
     sensed = new_data()
+    commit = commit_task()
     first, last = stage_tasks(params=params)
     registered = register_task()
-    sensed >> first
+    sensed >> commit >> first
     last >> registered >> record(sensed)

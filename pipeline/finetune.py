@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         print(f"device: {dev}")
         if p.mixed_precision:  # before the model is loaded, so that its layers take the policy
             keras.mixed_precision.set_global_policy(dev.mixed_policy)
+        train.seed(prm.seed)  # before loading: the loaded layers' random streams (dropout) take their seeds here
         base, head = load_head(info, size)
         p = p.model_copy(update={"augment": augmentation(p.augment, models.read_meta("head")["design"])})
         train.seed(prm.seed)

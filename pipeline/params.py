@@ -157,9 +157,12 @@ class Tracking(Section):
 
 
 class Schedule(Section):
-    cron: str = "0 3 * * 1"
+    cron: Optional[str] = "0 3 * * 1"  # null: runs only when triggered
     gpu_slots: int = Field(1, ge=1)
+    gpu_queue: str = "default"
     retries: int = Field(2, ge=0)
+    retry_delay_seconds: int = Field(60, ge=0)
+    max_active_runs: int = Field(1, ge=1)
 
 
 class Params(Section):

@@ -55,8 +55,9 @@ def _setup(t: params.Tracking):
     mlflow.set_tracking_uri(tracking_uri(t))
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(t.experiment)
-    if exp is None:
-        artifacts = Path("mlartifacts").resolve().as_uri()
+    if exp is None:  # a tracking server stores artifacts where it was told to (proxied); a local store, here
+        served = tracking_uri(t).startswith(("http://", "https://"))
+        artifacts = None if served else Path("mlartifacts").resolve().as_uri()
         exp_id = mlflow.create_experiment(t.experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     else:
         exp_id = exp.experiment_id
@@ -72,6 +73,14 @@ def _parent(client, exp_id: str, rid: str) -> str:
         return found[0].info.run_id
     tags = {"pipeline_run_id": rid, "role": "parent", **_lineage_tags(lineage.describe())}
     return client.create_run(exp_id, run_name=f"pipeline {rid}", tags=tags).info.run_id
+
+
+def _close_orphans(client, exp_id: str, rid: str, stage: str) -> None:
+    """A try of this stage that died without closing its run (its worker was killed, say) left it RUNNING: mark
+    it KILLED before the new try opens its own, so each stage of a pipeline run ends with one finished run."""
+    for r in client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.stage = '{stage}' "
+                                          "and attributes.status = 'RUNNING'", max_results=100):
+        client.set_terminated(r.info.run_id, status="KILLED")
 
 
 def _lineage_tags(info: dict) -> dict:
@@ -125,8 +134,11 @@ def stage_run(stage: str, section: dict | None = None):
     mlflow, client, exp_id = _setup(params.load().tracking)
     rid = pipeline_run_id()
     parent = _parent(client, exp_id, rid)
+    _close_orphans(client, exp_id, rid, stage)
     tags = {"stage": stage, "role": "stage", "pipeline_run_id": rid, "mlflow.parentRunId": parent,
             **_lineage_tags(lineage.describe(stage))}
+    if worker := os.environ.get("PIPELINE_WORKER"):  # the cluster worker that ran it (pipeline.workspace)
+        tags["worker"] = worker
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags):
             if section:

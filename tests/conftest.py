@@ -67,7 +67,7 @@ def copy_project(dest: Path, params_over: dict, images: Path | None = None) -> P
     """A copy of the project's tracked files with params.yaml overridden (tests that need git/DVC `git init` it)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     # the committed results of the project's own run (dvc.lock, metrics, plots) are not the copy's
-    generated = ("dvc.lock", "metrics/", "plots/", "data/split_summary.json", "data/validate/summary.md")
+    generated = ("dvc.lock", "metrics/", "plots/", "data/split_summary.json")
     for f in (f for f in files if not f.startswith(generated)):
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ for dag_id, dag in bag.dags.items():
     out["dags"][dag_id] = {
         "schedule": getattr(dag.timetable, "expression", None) or str(dag.timetable),
         "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
-        "tasks": {t.task_id: {"upstream": sorted(t.upstream_task_ids), "pool": t.pool,
+        "tasks": {t.task_id: {"upstream": sorted(t.upstream_task_ids), "pool": t.pool, "queue": t.queue,
                               "mapped": type(t).__name__.endswith("MappedOperator"),
                               "retries": t.retries, "backoff": t.retry_exponential_backoff,
                               "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule)} for t in dag.tasks},
@@ -117,18 +117,21 @@ def test_pipeline_dag_structure(dagbag):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     dag = dagbag["dags"]["transfer_pipeline"]
     tasks = dag["tasks"]
-    assert list(tasks) == [*STAGES, "register"]  # dvc.yaml order, then the registry
+    assert list(tasks) == ["commit", *STAGES, "register"]  # the run's commit, dvc.yaml order, then the registry
     assert_acyclic(tasks)
-    assert dag["schedule"] == params["schedule"]["cron"] and dag["catchup"] is False and dag["max_active_runs"] == 1
+    assert dag["schedule"] == params["schedule"]["cron"] and dag["catchup"] is False
+    assert dag["max_active_runs"] == params["schedule"]["max_active_runs"] == 1
     up = {t: set(v["upstream"]) for t, v in tasks.items()}
-    assert up == {"sources": set(), "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
+    assert up == {"commit": set(), "sources": {"commit"}, "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
                   "extract": {"cache"}, "head": {"extract"}, "finetune": {"head"}, "bagging": {"head"},
                   "ensemble": {"bagging"}, "kfold": {"head"}, "evaluate": {"finetune", "ensemble", "kfold"},
                   "register": {"evaluate"}}
     assert {t for t, v in tasks.items() if v["mapped"]} == {"bagging", "kfold"}
     assert dag["expand"] == {"bagging": params["bagging"]["members"], "kfold": params["kfold"]["folds"]}
     assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
-    assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for v in tasks.values())
+    assert {tasks[t]["queue"] for t in ("extract", "finetune", "bagging")} == {params["schedule"]["gpu_queue"]}
+    assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for t, v in tasks.items()
+               if t != "commit")
     # an empty foreach list skips its mapped task; that must not skip what follows
     assert tasks["evaluate"]["trigger_rule"] == tasks["ensemble"]["trigger_rule"] == "none_failed"
 
@@ -136,10 +139,10 @@ def test_pipeline_dag_structure(dagbag):
 def test_retrain_dag_structure(dagbag):
     dag = dagbag["dags"]["retrain_on_new_data"]
     tasks = dag["tasks"]
-    assert list(tasks) == ["new_data", *STAGES, "register", "record_hash"]
+    assert list(tasks) == ["new_data", "commit", *STAGES, "register", "record_hash"]
     assert_acyclic(tasks)
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
-    assert tasks["sources"]["upstream"] == ["new_data"]
+    assert tasks["commit"]["upstream"] == ["new_data"] and tasks["sources"]["upstream"] == ["commit"]
     assert tasks["register"]["upstream"] == ["evaluate"]
     assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
     assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
@@ -149,7 +152,7 @@ def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
     common = load_common()
     cmd = common.stage_command("bagging@3", ["models/bagging/member_3.keras"], ROOT)
     assert f"export PATH={common.venv_bin(ROOT)}:" in cmd and f"cd {ROOT}" in cmd
-    assert "flock .dvc/tmp/workspace.lock dvc --wait-for-lock repro --single-item bagging@3 && echo" in cmd
+    assert "python -m pipeline.workspace stage bagging@3 && echo" in cmd
     graph = common.stage_graph(ROOT)
     assert graph["bagging"]["item_outs"][0][:3] == ["models/bagging/member_0.keras", "models/bagging/member_0.json",
                                                     "data/predictions/bagging/member_0.npz"]
@@ -337,11 +340,13 @@ def test_retrain_dag_end_to_end(airflow_project):
 
 
 def test_the_workspace_lock_keeps_tasks_apart(tmp_path):
-    """Two commands under `_common.locked` in one working tree (as tasks of both DAGs would be) never overlap."""
-    common = load_common()
+    """Three commands run by `pipeline.workspace exec` in one working tree (as tasks of both DAGs would be) never
+    overlap: each holds the tree's lock."""
     body = "echo start >> log; sleep 1; echo end >> log"
-    procs = [subprocess.Popen(["bash", "-c", common.locked(f"bash -c {json.dumps(body)}")], cwd=tmp_path)
-             for _ in range(3)]
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_WORKSPACES"}
+    env["PYTHONPATH"] = str(ROOT)
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.workspace", "exec", "evaluate", "--", "bash", "-c", body],
+                              cwd=tmp_path, env=env) for _ in range(3)]
     assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0]
     assert (tmp_path / "log").read_text().split() == ["start", "end"] * 3
 

@@ -179,9 +179,10 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list,
 
     params = load_params(root) if params is None else params
     graph = stage_graph(root, params)
+    gpu = {"pool": GPU_POOL, "queue": schedule(params)["gpu_queue"]}
     tasks = {}
     for name, info in graph.items():
-        extra = {"pool": GPU_POOL, "queue": schedule(params)["gpu_queue"]} if name in GPU_STAGES else {}
+        extra = dict(gpu) if name in GPU_STAGES else {}
         below_mapped = any(graph[up]["items"] is not None for up in info["upstream"])
         if below_mapped:  # an empty foreach list skips its mapped task; that must not skip what follows
             extra["trigger_rule"] = "none_failed"

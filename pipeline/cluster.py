@@ -39,12 +39,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+from pipeline import io
 
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
@@ -101,11 +101,7 @@ def load_state(home: Path) -> dict:
 
 
 def save_state(state: dict) -> None:
-    path = Path(state["home"]) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.chmod(tmp, 0o600)  # it holds the passwords
-    tmp.replace(path)
+    io.write_text(Path(state["home"]) / STATE_FILE, json.dumps(state, indent=2), mode=0o600)  # it holds passwords
 
 
 def venv_bin() -> Path:
@@ -173,9 +169,8 @@ def spawn(state: dict, name: str, cmd: list[str], env: dict, cwd: Path | None = 
 def alive(pid: int) -> bool:
     import psutil
 
-    try:
-        with_zombie = psutil.Process(pid)
-        return with_zombie.status() != psutil.STATUS_ZOMBIE
+    try:  # an exited child of ours stays a zombie until reaped: that is not alive
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
@@ -402,7 +397,8 @@ def workers_ready(state: dict) -> list[str]:
 
 def up(home: Path | None = None, project: Path | None = None, workers: int | None = None,
        heartbeat_timeout: int | None = None) -> dict:
-    """Start every component (those already running are left alone only by `status`: `up` wants none running)."""
+    """Start every component; refuses while a cluster from the same state folder still runs. Returns the state
+    (ports, passwords, pids) also kept in `home/cluster.json`."""
     home = (home or default_home()).resolve()
     project = (project or Path.cwd()).resolve()
     ensure_system()

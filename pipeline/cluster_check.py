@@ -35,6 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline import cluster, io
+from pipeline.params import merge
 from pipeline.cluster import DAG_ID, airflow_url, http, mlflow_uri
 
 CHECK_PARAMS = {
@@ -59,16 +60,9 @@ HEARTBEAT_TIMEOUT = 20
 GIT_ID = ["-c", "user.name=cluster-check", "-c", "user.email=cluster-check@localhost"]
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-def snapshot(src: Path, dest: Path, params_over: dict) -> str:
-    """`src`'s files (tracked, and new ones git does not ignore) with params overridden, committed in a new git
-    repository at `dest`; returns the commit."""
+def copy_project(src: Path, dest: Path, params_over: dict) -> Path:
+    """`src`'s files (tracked, and new ones git does not ignore; not the results of its own run) in `dest`, with
+    params.yaml overridden by `params_over` (the tests' tiny projects are made this way too)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=src,
                            capture_output=True, text=True, check=True).stdout.splitlines()
     for f in (f for f in files if not f.startswith(GENERATED) and (src / f).is_file()):
@@ -76,6 +70,12 @@ def snapshot(src: Path, dest: Path, params_over: dict) -> str:
         shutil.copy2(src / f, dest / f)
     params = merge(yaml.safe_load((src / "params.yaml").read_text()), params_over)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def snapshot(src: Path, dest: Path, params_over: dict) -> str:
+    """`copy_project`, committed in a new git repository at `dest`; returns the commit."""
+    copy_project(src, dest, params_over)
     for cmd in (["init", "-q"], ["add", "-A"], [*GIT_ID, "commit", "-q", "-m", "cluster check"]):
         subprocess.run(["git", *cmd], cwd=dest, check=True)
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True,

@@ -23,15 +23,16 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path, suffix: str = ""):
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+def atomic_path(target: str | Path, suffix: str = "", mode: int | None = None):
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds. `mode`: the
+    file's permissions (default: what a plain open() gives), set before it appears under its name."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)  # mkstemp makes 0600
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -78,8 +79,8 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_text(text)
 
 

@@ -14,6 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PARAMS_FILE = Path("params.yaml")
 
 
+def merge(base: dict, over: dict) -> dict:
+    """`base` params (a plain dict, as in params.yaml) with `over`'s keys replacing theirs, section by section."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

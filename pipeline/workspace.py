@@ -103,8 +103,10 @@ def prepare(run_id: str, commit: str) -> Path:
     return dest
 
 
-def _in_clone(target: str, run_id: str, commit: str) -> Path:
-    ws = prepare(run_id, commit)
+def _in_clone(target: str) -> Path:
+    """The DAG run's clone on this worker, with `target` and everything upstream of it reproduced there."""
+    commit = os.environ["PIPELINE_COMMIT"]
+    ws = prepare(os.environ["PIPELINE_RUN_ID"], commit)
     print(f"worker {worker_hostname()}: workspace {ws} at {commit[:12]}", flush=True)
     _run(["dvc", "repro", "--pull", target], cwd=ws)
     return ws
@@ -116,8 +118,7 @@ def stage(target: str) -> None:
         with workspace_lock():
             _run(["dvc", "--wait-for-lock", "repro", "--single-item", target])
         return
-    ws = _in_clone(target, os.environ["PIPELINE_RUN_ID"], os.environ["PIPELINE_COMMIT"])
-    push(ws, target)
+    push(_in_clone(target), target)
 
 
 def push(ws: Path, target: str) -> None:
@@ -146,23 +147,17 @@ def execute(target: str, command: list[str]) -> int:
     if not cluster_mode():
         with workspace_lock():
             return subprocess.run(command).returncode
-    ws = _in_clone(target, os.environ["PIPELINE_RUN_ID"], os.environ["PIPELINE_COMMIT"])
-    return subprocess.run(command, cwd=ws).returncode
+    return subprocess.run(command, cwd=_in_clone(target)).returncode
 
 
-class workspace_lock:
+@contextlib.contextmanager
+def workspace_lock():
     """The working tree's lock (`flock` on LOCK): one task at a time in this tree; the kernel frees it when the
     holder dies."""
-
-    def __enter__(self):
-        LOCK.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(LOCK, "a")
-        fcntl.flock(self._f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._f, fcntl.LOCK_UN)
-        self._f.close()
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # closing the file releases it
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

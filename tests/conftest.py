@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+from pipeline import cluster_check
+from pipeline.params import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets" / "cats_vs_dogs_small"
@@ -56,32 +58,11 @@ def make_folder(root: Path, per_class: int = 12, classes=("cats", "dogs"), seed:
     return root
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
 def copy_project(dest: Path, params_over: dict, images: Path | None = None) -> Path:
-    """A copy of the project's tracked files with params.yaml overridden (tests that need git/DVC `git init` it)."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    # the committed results of the project's own run (dvc.lock, metrics, plots) are not the copy's
-    generated = ("dvc.lock", "metrics/", "plots/", "data/split_summary.json")
-    for f in (f for f in files if not f.startswith(generated)):
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    for f in ROOT.glob("pipeline/**/*.py"):  # stage modules not yet committed while developing
-        target = dest / f.relative_to(ROOT)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = merge(base, params_over)
-    if images is not None:
-        params["data"]["path"] = str(images)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
+    """A copy of the project (files git tracks or would, not its run's results) with params.yaml overridden
+    (tests that need git/DVC `git init` it)."""
+    over = params_over if images is None else merge(params_over, {"data": {"path": str(images)}})
+    return cluster_check.copy_project(ROOT, dest, over)
 
 
 @contextlib.contextmanager

@@ -99,6 +99,8 @@ def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, d
             ref = spec["foreach"]
             match = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", ref) if isinstance(ref, str) else None
             items = list(_lookup(params, match.group(1)) if match else ref)
+            if not items:  # DVC has no instance of it (finetune while `finetune.start_from` is empty)
+                continue
             spec = spec["do"]
         outs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
         deps = _paths(spec.get("deps"))

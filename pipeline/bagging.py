@@ -1,6 +1,8 @@
 """Bagging stage, one DVC stage instance per member: a head trained on a bootstrap resample of the training
 features, saved as `models/bagging/member_<i>.keras` (a head on feature maps) with its JSON, predictions and
-history. The `ensemble` stage puts the members that params name behind one backbone as `models/bagging.keras`.
+history. Member i trains on the features of `bagging.backbones[i % len]` (`backbone.name` when the list is
+empty): diversity from seeds, resamples and backbones. The `ensemble` stage puts the members that params name
+behind their backbones as `models/bagging.keras`.
 """
 from __future__ import annotations
 
@@ -20,17 +22,27 @@ def member_name(member: int) -> str:
     return f"bagging/member_{member}"
 
 
+def member_backbone(prm: params.Params, member: int) -> str | None:
+    """The backbone member `member` trains on: None for `backbone.name` (features in `data/features`), else the
+    name of one of `bagging.backbones` (features in `data/features/<name>`, `extract.features_dir`)."""
+    names = prm.bagging.backbones
+    name = names[member % len(names)] if names else prm.backbone.name
+    return None if name == prm.backbone.name else name
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bagging")
     ap.add_argument("--member", type=int, required=True, help="the member's seed (one of bagging.members)")
     member = ap.parse_args(argv).member
     prm = params.load()
-    meta = io.read_json(paths.FEATURES_DIR / "meta.json")
+    root = extract.features_dir(member_backbone(prm, member))
+    meta = io.read_json(root / "meta.json")
     p = head.chosen(prm.head)  # the design the head stage chose on validation
-    data = {s: extract.load_features(s, pooled=p.design == "pooled") for s in paths.SPLITS}
+    data = {s: extract.load_features(s, pooled=p.design == "pooled", root=root) for s in paths.SPLITS}
     seed = prm.seed + 1000 * (member + 1)
     rows = np.sort(bootstrap(len(data["train"][1]), prm.bagging.sample_fraction, seed))
-    section = {"head": p.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member}
+    section = {"head": p.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member,
+               "backbone": meta["name"]}
     name = member_name(member)
     with tracking.stage_run(f"bagging@{member}", section) as run:
         model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
@@ -48,7 +60,7 @@ def main(argv=None) -> int:
         tracking.log_files(run, models.meta_path(name), *curves.save(history, name, run, data["train"][1][rows]))
         if run:
             run.log_metric("unique_rows", len(np.unique(rows)))
-    print(f"bagging member {member}: {len(np.unique(rows))} unique of {len(rows)} resampled rows, "
+    print(f"bagging member {member} ({meta['label']}): {len(np.unique(rows))} unique of {len(rows)} resampled rows, "
           f"{len(history)} epochs, best val_loss {history['val_loss'].min():.4f}")
     return 0
 

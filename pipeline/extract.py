@@ -5,10 +5,15 @@ validation without extracting again (`backbones.build_extractor`): the feature m
 (`{split}_x.npy`, for the convolutional head) and the backbone's top map averaged over its positions
 (`{split}_pooled.npy`, for the pooled head).
 
+The backbones named in `bagging.backbones` besides `backbone.name` get the same files in `data/features/<name>/`
+(each at its own default cut): a cross-backbone bagging ensemble trains some of its members on them.
+
 The seeds' version called `predict_generator(steps=n // batch)` on an unshuffled generator: the last partial batch
 was dropped and labels were rebuilt by assumption. Here every row is run, in order, and the counts are asserted.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -29,15 +34,26 @@ def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", d
     return outs if len(outs) > 1 else outs[0]
 
 
-def load_features(split: str, pooled: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of one split, as this stage wrote them (read into memory): the maps, or with `pooled`
-    the pooled top vectors."""
+def extra_backbones(prm: params.Params) -> list[str]:
+    """The backbones that bagging members train on besides `backbone.name` (`bagging.backbones`)."""
+    return [b for b in prm.bagging.backbones if b != prm.backbone.name]
+
+
+def features_dir(backbone: str | None = None) -> Path:
+    """Where the features of `backbone` are: `data/features` for `backbone.name` (None), else a folder of the same
+    layout inside it, `data/features/<backbone>`."""
+    return paths.FEATURES_DIR if backbone is None else paths.FEATURES_DIR / backbone
+
+
+def load_features(split: str, pooled: bool = False, root: Path = paths.FEATURES_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one split, as this stage wrote them into `root` (read into memory): the maps, or
+    with `pooled` the pooled top vectors."""
     if not pooled:
-        return io.load_pair(paths.FEATURES_DIR / split, mmap=False)
-    x = io.load_npy(paths.FEATURES_DIR / f"{split}_pooled.npy", mmap=False)  # not the maps: they are not needed
-    y = io.load_npy(paths.FEATURES_DIR / f"{split}_y.npy", mmap=False)
+        return io.load_pair(root / split, mmap=False)
+    x = io.load_npy(root / f"{split}_pooled.npy", mmap=False)  # not the maps: they are not needed
+    y = io.load_npy(root / f"{split}_y.npy", mmap=False)
     if len(x) != len(y):
-        raise ValueError(f"{paths.FEATURES_DIR}/{split}_pooled.npy and {split}_y.npy disagree: rerun `dvc repro extract`")
+        raise ValueError(f"{root}/{split}_pooled.npy and {split}_y.npy disagree: rerun `dvc repro extract`")
     return x, y
 
 
@@ -47,33 +63,47 @@ def features_model(meta: dict, pooled: bool = False):
     return backbones.build_base(meta["name"], meta["weights"], meta["image_size"], meta["cut_layer"], pooled=pooled)
 
 
+def extract_splits(name: str, weights: str, cut_layer: str | None, p: params.Extract, out: Path,
+                   cache_meta: dict, device_kind: str) -> dict:
+    """Features of every cached split by one backbone into `out` (maps, pooled tops, labels, meta.json)."""
+    size = cache_meta["image_size"]
+    base = backbones.build_extractor(name, weights, size, cut_layer)
+    shapes, pooled_shapes = {}, {}
+    out.mkdir(parents=True, exist_ok=True)
+    for split in paths.SPLITS:
+        images, labels = io.load_pair(paths.CACHE_DIR / split)
+        features, pooled = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split} ({name})")
+        assert len(features) == len(pooled) == len(labels) == len(images), f"{split}: misaligned features"
+        io.save_pair(out / split, features, labels)
+        io.save_npy(out / f"{split}_pooled.npy", pooled)
+        shapes[split], pooled_shapes[split] = list(features.shape), list(pooled.shape)
+    info = {**backbones.describe(name, weights, cut_layer, size), "dtype": p.dtype, "shapes": shapes,
+            "pooled_layer": backbones.spec(name).top_layer, "pooled_shapes": pooled_shapes,
+            "classes": cache_meta["classes"], "device": device_kind}
+    io.write_json(out / "meta.json", info)
+    print(f"extract: {info['label']} at {info['cut_layer']}: " + ", ".join(f"{s} {v}" for s, v in shapes.items())
+          + f"; {info['pooled_layer']} pooled: {pooled_shapes['train'][1]} values per image")
+    return info
+
+
 def main(argv=None) -> int:
     prm = params.load()
     bb, p = prm.backbone, prm.extract
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
-    size = meta["image_size"]
-    with tracking.stage_run("extract", {"backbone": bb.model_dump(), "extract": p.model_dump()}) as run:
+    extras = extra_backbones(prm)
+    # the other backbones take the same kind of weights (a weights file belongs to backbone.name) and their own cut
+    extra_weights = bb.weights if bb.weights in ("default", "imagenet", "none") else "default"
+    section = {"backbone": bb.model_dump(), "extract": p.model_dump(), "extra_backbones": extras}
+    with tracking.stage_run("extract", section) as run:
         dev = device.detect()
         print(f"device: {dev}")
-        base = backbones.build_extractor(bb.name, bb.weights, size, bb.cut_layer)
-        shapes, pooled_shapes = {}, {}
-        with io.atomic_dir(paths.FEATURES_DIR) as out:  # every split's files, meta and index appear together
-            for split in paths.SPLITS:
-                images, labels = io.load_pair(paths.CACHE_DIR / split)
-                features, pooled = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split}")
-                assert len(features) == len(pooled) == len(labels) == len(images), f"{split}: misaligned features"
-                io.save_pair(out / split, features, labels)
-                io.save_npy(out / f"{split}_pooled.npy", pooled)
-                shapes[split], pooled_shapes[split] = list(features.shape), list(pooled.shape)
-            info = {**backbones.describe(bb.name, bb.weights, bb.cut_layer, size), "dtype": p.dtype, "shapes": shapes,
-                    "pooled_layer": backbones.spec(bb.name).top_layer, "pooled_shapes": pooled_shapes, "classes": meta["classes"],
-                    "device": dev.kind}
-            io.write_json(out / "meta.json", info)
+        with io.atomic_dir(paths.FEATURES_DIR) as out:  # every backbone's files, meta and index appear together
+            info = extract_splits(bb.name, bb.weights, bb.cut_layer, p, out, meta, dev.kind)
+            for name in extras:
+                extract_splits(name, extra_weights, None, p, out / name, meta, dev.kind)
             io.write_text(out / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
         if run:
             run.log_params({"label": info["label"], "cut_layer": info["cut_layer"], "device": dev.kind})
-    print(f"extract: {info['label']} at {info['cut_layer']}: " + ", ".join(f"{s} {v}" for s, v in shapes.items())
-          + f"; {info['pooled_layer']} pooled: {pooled_shapes['train'][1]} values per image")
     return 0
 
 

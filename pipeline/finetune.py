@@ -1,5 +1,8 @@
 """Fine-tune stage: augmentation -> backbone -> the trained head, with the top of the backbone unfrozen.
 
+Opt-in: dvc.yaml has a `finetune@head` stage only while `finetune.start_from: [head]` (the GPU recipe; on two CPU
+cores its minutes bought less on validation than the head it starts from).
+
 The augmentation runs in the training loader on a CPU (OpenCV, every core, uint8) and as the first layer of the
 model on a GPU (`augment_in`); both draw the same random affine warps (`pipeline.augment`).
 
@@ -10,6 +13,8 @@ epoch. The delivered `models/finetune.keras` is image-in like every model (`pipe
 augmentation, its predictions averaged over the flips it was trained with.
 """
 from __future__ import annotations
+
+import argparse
 
 import keras
 
@@ -55,6 +60,9 @@ def build(base: keras.Model, head: keras.Model, p: params.Finetune, seed: int, i
 
 
 def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.finetune")
+    ap.add_argument("--start-from", choices=["head"], default="head", help="the model to fine-tune (finetune.start_from)")
+    ap.parse_args(argv)
     prm = params.load()
     bb, p = prm.backbone, prm.finetune
     meta = io.read_json(paths.CACHE_DIR / "meta.json")

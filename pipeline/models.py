@@ -187,13 +187,36 @@ def classifier(heads, map_flips=((),), name: str = "classifier"):
     return keras.Model(inputs, out, name=name)
 
 
-def compose(features, heads, *, map_flips=((),), image_flips=((),), name: str = "model"):
-    """The image-in model: mean over `image_flips` of classifier(features(flip(image)))."""
-    if features.name != "features":  # one tensor in, one out (a list would not match the classifier's input)
-        features = keras.Model(features.input, features.output, name="features")
-    clf = classifier(heads, map_flips)
+def compose(features, heads, *, map_flips=((),), image_flips=((),), name: str = "model", more=()):
+    """The image-in model: mean over `image_flips` of classifier(features(flip(image))).
+
+    `more`: further (features, heads) pairs on other backbones (a cross-backbone ensemble). Pair i gets the parts
+    `features_<i>` and `classifier_<i>` (`group_parts`), and the output is the mean over every head of every pair,
+    each head counting once."""
+    groups = []
+    for i, (f, hs) in enumerate([(features, heads), *more]):
+        suffix = f"_{i}" if i else ""
+        if f.name != f"features{suffix}":  # one tensor in, one out (a list would not match the classifier's input)
+            f = keras.Model(f.input, f.output, name=f"features{suffix}")
+        hs = list(hs)
+        groups.append((f, classifier(hs, map_flips, name=f"classifier{suffix}"), len(hs)))
+
+    def forward(x):
+        outs = [out for f, clf, n in groups for out in [clf(f(x))] * n]
+        return outs[0] if len(groups) == 1 else keras.layers.Average()(outs)
+
     inputs = keras.Input(features.input_shape[1:], name="image")
-    return keras.Model(inputs, _flip_mean(inputs, lambda x: clf(features(x)), image_flips, name="image"), name=name)
+    return keras.Model(inputs, _flip_mean(inputs, forward, image_flips, name="image"), name=name)
+
+
+def group_parts(model) -> list[tuple]:
+    """The (features, classifier) parts of an image-in model (`compose`): one pair per backbone."""
+    names, parts, i = {layer.name for layer in model.layers}, [], 0
+    while f"features{f'_{i}' if i else ''}" in names:
+        suffix = f"_{i}" if i else ""
+        parts.append((model.get_layer(f"features{suffix}"), model.get_layer(f"classifier{suffix}")))
+        i += 1
+    return parts
 
 
 def predict(model, images, batch_size: int = 32) -> np.ndarray:

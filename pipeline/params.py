@@ -82,6 +82,14 @@ class Cache(Section):
     workers: int = Field(0, ge=0)
 
 
+def known_backbone(name: str) -> str:
+    from pipeline import backbones  # the one list of backbones (light: no Keras until a backbone is built)
+
+    if name not in backbones.names():
+        raise ValueError(f"'{name}' is unknown; choose one of {backbones.names()}")
+    return name
+
+
 class Backbone(Section):
     name: str = "efficientnet_lite1"
     weights: str = "default"
@@ -90,11 +98,7 @@ class Backbone(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        from pipeline import backbones  # the one list of backbones (light: no Keras until a backbone is built)
-
-        if v not in backbones.names():
-            raise ValueError(f"'{v}' is unknown; choose one of {backbones.names()}")
-        return v
+        return known_backbone(v)
 
 
 class Extract(Section):
@@ -128,6 +132,7 @@ class Augment(Section):
 
 
 class Finetune(Section):
+    start_from: list[Literal["head"]] = []  # [head]: a `finetune@head` stage fine-tunes the head's model; [] = none
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
@@ -140,7 +145,17 @@ class Finetune(Section):
 
 class Bagging(Section):
     members: list[int] = Field([0, 1, 2, 3], min_length=1)
+    backbones: list[str] = []  # member i trains on the features of backbones[i % len]; [] = backbone.name only
     sample_fraction: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("backbones")
+    @classmethod
+    def _known(cls, v):
+        for name in v:
+            known_backbone(name)
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a backbone twice: each one's members are already its seeds")
+        return v
 
 
 class Kfold(Section):
@@ -154,7 +169,7 @@ class Gate(Section):
 
 
 class Evaluate(Section):
-    models: list[Literal["head", "finetune", "bagging"]] = ["head", "finetune", "bagging"]
+    models: list[Literal["head", "finetune", "bagging"]] = ["head", "bagging"]
     gate: Gate = Gate()
 
 
@@ -196,6 +211,9 @@ class Params(Section):
         bad = [f for f in self.kfold.folds if not 0 <= f < self.split.folds]
         if bad:
             raise ValueError(f"kfold.folds {bad} do not exist: split.folds is {self.split.folds}, so folds are 0..{self.split.folds - 1}")
+        if "finetune" in self.evaluate.models and not self.finetune.start_from:
+            raise ValueError("evaluate.models lists finetune but no stage fine-tunes: set finetune.start_from: [head] "
+                             "(or take finetune out of evaluate.models)")
         return self
 
     def section(self, name: str):

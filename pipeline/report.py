@@ -85,7 +85,14 @@ def grad_cam(model, images: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(f"Grad-CAM here needs the TensorFlow backend, not {keras.backend.backend()}")
-    features, classifier = model.get_layer("features"), model.get_layer("classifier")
+    # a cross-backbone ensemble has one (features, classifier) pair per backbone: the mean of their maps
+    return np.mean([_grad_cam(f, c, images, predicted) for f, c in models.group_parts(model)], axis=0)
+
+
+def _grad_cam(features, classifier, images: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    import keras
+    import tensorflow as tf
+
     pool = None
     if len(features.output.shape) == 2:  # the pooled head design: look at the top map before its pooling
         pool = features.layers[-1]

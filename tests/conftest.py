@@ -33,10 +33,10 @@ TINY_PARAMS = {
     # the toy classes differ left from right: no left-right flips here (tests of the flips use their own data)
     "head": {"conv_filters": 8, "hidden": 16, "epochs": 6, "batch_size": 8, "patience": 3, "learning_rate": 0.01,
              "horizontal_flip": False, "vertical_flip": False},
-    "finetune": {"epochs": 1, "batch_size": 8, "augment": {"horizontal_flip": False}},
-    "bagging": {"members": [0, 1]},
+    "finetune": {"start_from": ["head"], "epochs": 1, "batch_size": 8, "augment": {"horizontal_flip": False}},
+    "bagging": {"members": [0, 1], "backbones": []},
     "kfold": {"folds": [0, 1], "epochs": 3},
-    "evaluate": {"gate": {"min_accuracy": 0.0, "min_roc_auc": 0.0}},
+    "evaluate": {"models": ["head", "finetune", "bagging"], "gate": {"min_accuracy": 0.0, "min_roc_auc": 0.0}},
 }
 
 
@@ -103,7 +103,7 @@ def run_stages(*stages: str) -> None:
     for stage in stages:
         name, _, arg = stage.partition("@")
         module = importlib.import_module(f"pipeline.{name}")
-        argv = [] if not arg else [f"--{'member' if name == 'bagging' else 'fold'}", arg]
+        argv = [] if not arg else [f"--{ {'bagging': 'member', 'kfold': 'fold', 'finetune': 'start-from'}[name]}", arg]
         assert module.main(argv) == 0, f"stage {stage} failed"
 
 

@@ -50,3 +50,28 @@ def test_an_empty_member_list_is_a_clear_error(trained_copy):
     set_params({"bagging": {"members": []}})
     with pytest.raises(ValueError, match="bagging.members: List should have at least 1 item"):
         ensemble.main([])  # refused by the params schema before anything is read or written
+
+
+def test_members_on_several_backbones(trained_copy):
+    """bagging.backbones: member i on backbones[i % n]; extract writes the others' features beside the main ones,
+    and the ensemble is one image-in model with a (features, classifier) pair per backbone."""
+    from pipeline import extract, io, report
+
+    set_params({"bagging": {"backbones": ["small_cnn", "efficientnet_lite0"], "members": [0, 1, 2]}})
+    run_stages("extract", "bagging@0", "bagging@1", "bagging@2", "ensemble")
+    lite = io.read_json(extract.features_dir("efficientnet_lite0") / "meta.json")
+    assert lite["name"] == "efficientnet_lite0" and lite["cut_layer"] == "block5c_add"
+    assert io.read_json(paths.FEATURES_DIR / "meta.json")["name"] == "small_cnn"
+    assert [models.read_meta(f"bagging/member_{i}")["backbone"]["name"] for i in (0, 1, 2)] == \
+        ["small_cnn", "efficientnet_lite0", "small_cnn"]
+    model, meta = models.load("bagging")
+    assert [b["name"] for b in meta["backbones"]] == ["small_cnn", "efficientnet_lite0"]
+    parts = models.group_parts(model)
+    assert [f.name for f, _ in parts] == ["features", "features_1"]
+    assert [[l.name for l in c.layers if isinstance(l, keras.Model)] for _, c in parts] == \
+        [["member_0", "member_2"], ["member_1"]]
+    images, y = io.load_pair(paths.CACHE_DIR / "val")
+    with np.load(paths.PREDICTIONS_DIR / "bagging.npz") as e:  # the file's model gives the stage's mean of members
+        np.testing.assert_allclose(models.predict(model, images), e["val_prob"], atol=1e-4)
+    cams = report.grad_cam(model, np.asarray(images[:2]), y[:2])
+    assert cams.shape == (2, *images.shape[1:3]) and cams.max() <= 1.0

@@ -70,7 +70,7 @@ def test_a_killed_worker_costs_one_retry_on_the_other(run):
 def test_mlflow_holds_one_finished_run_per_stage(run):
     report, state = run
     runs = cluster_check.mlflow_stage_runs(state, report["dag_run"]["run_id"], "transfer-learning")
-    stages = {"split", "validate", "extract", "head", "finetune", "bagging@0", "bagging@1", "ensemble", "kfold@0",
+    stages = {"split", "validate", "extract", "head", "bagging@0", "bagging@1", "ensemble", "kfold@0",
               "kfold@1", "evaluate", "register"}
     assert stages <= set(runs), sorted(runs)
     for stage, statuses in runs.items():

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 BIN = Path(sys.executable).parent
 HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "torch")
-STAGES = ("sources", "split", "validate", "cache", "extract", "head", "finetune", "bagging", "ensemble", "kfold",
-          "evaluate")
+# with the project's params.yaml: fine-tuning is opt-in (`finetune.start_from: []`), so DVC has no finetune stage
+STAGES = ("sources", "split", "validate", "cache", "extract", "head", "bagging", "ensemble", "kfold", "evaluate")
 
 # The tiny project's params: TINY_PARAMS (conftest) with 1-2 epochs everywhere and no retries, so a failing
 # stage fails the DAG run at once.
@@ -123,13 +123,13 @@ def test_pipeline_dag_structure(dagbag):
     assert dag["max_active_runs"] == params["schedule"]["max_active_runs"] == 1
     up = {t: set(v["upstream"]) for t, v in tasks.items()}
     assert up == {"commit": set(), "sources": {"commit"}, "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
-                  "extract": {"cache"}, "head": {"extract"}, "finetune": {"head"}, "bagging": {"head"},
-                  "ensemble": {"bagging"}, "kfold": {"head"}, "evaluate": {"finetune", "ensemble", "kfold"},
+                  "extract": {"cache"}, "head": {"extract"}, "bagging": {"head"},
+                  "ensemble": {"bagging"}, "kfold": {"head"}, "evaluate": {"ensemble", "kfold"},
                   "register": {"evaluate"}}
     assert {t for t, v in tasks.items() if v["mapped"]} == {"bagging", "kfold"}
     assert dag["expand"] == {"bagging": params["bagging"]["members"], "kfold": params["kfold"]["folds"]}
-    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
-    assert {tasks[t]["queue"] for t in ("extract", "finetune", "bagging")} == {params["schedule"]["gpu_queue"]}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "bagging"}
+    assert {tasks[t]["queue"] for t in ("extract", "bagging")} == {params["schedule"]["gpu_queue"]}
     assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for t, v in tasks.items()
                if t != "commit")
     # an empty foreach list skips its mapped task; that must not skip what follows
@@ -145,7 +145,7 @@ def test_retrain_dag_structure(dagbag):
     assert tasks["commit"]["upstream"] == ["new_data"] and tasks["sources"]["upstream"] == ["commit"]
     assert tasks["register"]["upstream"] == ["evaluate"]
     assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
-    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "finetune", "bagging"}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "bagging"}
 
 
 def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
@@ -156,6 +156,11 @@ def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
     graph = common.stage_graph(ROOT)
     assert graph["bagging"]["item_outs"][0][:3] == ["models/bagging/member_0.keras", "models/bagging/member_0.json",
                                                     "data/predictions/bagging/member_0.npz"]
+    assert "finetune" not in graph  # opt-in: no instance while finetune.start_from is empty, as in DVC
+    params = merge(common.load_params(ROOT), {"finetune": {"start_from": ["head"]}})
+    graph = common.stage_graph(ROOT, params)
+    assert graph["finetune"]["item_outs"]["head"][0] == "models/finetune.keras"
+    assert graph["finetune"]["upstream"] == ["head"] and "finetune" in graph["evaluate"]["upstream"]
 
 
 # ---------------------------------------------------------------------------------------------------- (b) thin parse

@@ -52,7 +52,7 @@ def repo(tmp_path_factory):
 def test_repro_then_noop_then_one_param(repo):
     dest, env, _ = repo
     first = sh("dvc repro", dest, env)
-    all_stages = {"sources", "split", "validate", "cache", "extract", "head", "finetune", "bagging@0", "bagging@1",
+    all_stages = {"sources", "split", "validate", "cache", "extract", "head", "finetune@head", "bagging@0", "bagging@1",
                   "ensemble", "kfold@0", "kfold@1", "evaluate"}
     assert ran(first) == all_stages
     report = json.loads((dest / "metrics/evaluate.json").read_text())
@@ -62,7 +62,7 @@ def test_repro_then_noop_then_one_param(repo):
     assert ran(second) == {"sources"}  # it lists the data folder on every repro; nothing changed, nothing follows
     sh("git add -A && git -c user.name=t -c user.email=t@t commit -qm repro", dest, env)
     exp = sh("dvc exp run -S finetune.learning_rate=0.001", dest, env)
-    assert ran(exp) == {"sources", "finetune", "evaluate"}  # nothing upstream of fine-tuning reruns
+    assert ran(exp) == {"sources", "finetune@head", "evaluate"}  # nothing upstream of fine-tuning reruns
     shown = json.loads(sh("dvc exp show --json", dest, env))
     tried = [e["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"]
              for row in shown for run in (row.get("experiments") or []) for e in run["revs"]]

@@ -38,3 +38,12 @@ def test_missing_and_malformed_file(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(params.ParamsError, match="mapping"):
         params.load(bad)
+
+
+def test_evaluating_finetune_needs_its_stage():
+    from pipeline.params import Params
+
+    with pytest.raises(ValueError, match=r"set finetune.start_from: \[head\]"):
+        Params.model_validate({"evaluate": {"models": ["head", "finetune"]}})
+    p = Params.model_validate({"finetune": {"start_from": ["head"]}, "evaluate": {"models": ["head", "finetune"]}})
+    assert p.finetune.start_from == ["head"] and Params().evaluate.models == ["head", "bagging"]

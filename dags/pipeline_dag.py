@@ -5,8 +5,9 @@ project directory with the project's virtualenv first on PATH. DVC owns caching 
 in a second); Airflow owns ordering, retries and the schedule. Tasks hand each other nothing but the files
 dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
 
-- Order: the dvc.yaml graph: split -> validate -> cache -> extract -> head -> finetune, bagging members and
-  k-fold folds (mapped tasks, one per id in params.yaml `bagging.members` / `kfold.folds`) -> evaluate.
+- Order: the dvc.yaml graph: split -> validate -> cache -> extract -> head -> bagging members, k-fold folds and
+  (opt-in, `finetune.start_from: [head]`) finetune (mapped tasks, one per item in params.yaml `bagging.members` /
+  `kfold.folds` / `finetune.start_from`; a stage whose list is empty has no task, as DVC has no stage) -> evaluate.
 - Schedule: params.yaml `schedule.cron` (default weekly, Monday 03:00 UTC), no catch-up, `schedule.max_active_runs`
   runs at once (1).
 - GPU: extract, finetune and bagging take a slot of the Airflow pool `gpu`, created by `bin/ui-airflow` with

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
     extras = extra_backbones(prm)
     # the other backbones take the same kind of weights (a weights file belongs to backbone.name) and their own cut
-    extra_weights = bb.weights if bb.weights in ("default", "imagenet", "none") else "default"
+    extra_weights = bb.weights if bb.weights in backbones.NAMED_WEIGHTS else "default"
     section = {"backbone": bb.model_dump(), "extract": p.model_dump(), "extra_backbones": extras}
     with tracking.stage_run("extract", section) as run:
         dev = device.detect()

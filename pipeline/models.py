@@ -211,11 +211,10 @@ def compose(features, heads, *, map_flips=((),), image_flips=((),), name: str = 
 
 def group_parts(model) -> list[tuple]:
     """The (features, classifier) parts of an image-in model (`compose`): one pair per backbone."""
-    names, parts, i = {layer.name for layer in model.layers}, [], 0
-    while f"features{f'_{i}' if i else ''}" in names:
-        suffix = f"_{i}" if i else ""
+    names, parts, suffix = {layer.name for layer in model.layers}, [], ""
+    while f"features{suffix}" in names:
         parts.append((model.get_layer(f"features{suffix}"), model.get_layer(f"classifier{suffix}")))
-        i += 1
+        suffix = f"_{len(parts)}"
     return parts
 
 

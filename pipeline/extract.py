@@ -5,8 +5,10 @@ validation without extracting again (`backbones.build_extractor`): the feature m
 (`{split}_x.npy`, for the convolutional head) and the backbone's top map averaged over its positions
 (`{split}_pooled.npy`, for the pooled head).
 
-The backbones named in `bagging.backbones` besides `backbone.name` get the same files in `data/features/<name>/`
-(each at its own default cut): a cross-backbone bagging ensemble trains some of its members on them.
+The backbones named in `bagging.backbones` besides `backbone.name` get the same files in
+`data/features_by_backbone/<name>/` (each at its own default cut; the folder is empty without them): a
+cross-backbone bagging ensemble trains some of its members on them. A separate output, so that trying other
+backbones leaves `data/features` as it was, and the head and K-fold stages with it.
 
 The seeds' version called `predict_generator(steps=n // batch)` on an unshuffled generator: the last partial batch
 was dropped and labels were rebuilt by assumption. Here every row is run, in order, and the counts are asserted.
@@ -41,8 +43,8 @@ def extra_backbones(prm: params.Params) -> list[str]:
 
 def features_dir(backbone: str | None = None) -> Path:
     """Where the features of `backbone` are: `data/features` for `backbone.name` (None), else a folder of the same
-    layout inside it, `data/features/<backbone>`."""
-    return paths.FEATURES_DIR if backbone is None else paths.FEATURES_DIR / backbone
+    layout, `data/features_by_backbone/<backbone>`."""
+    return paths.FEATURES_DIR if backbone is None else paths.FEATURES_BY_BACKBONE / backbone
 
 
 def load_features(split: str, pooled: bool = False, root: Path = paths.FEATURES_DIR) -> tuple[np.ndarray, np.ndarray]:
@@ -97,10 +99,11 @@ def main(argv=None) -> int:
     with tracking.stage_run("extract", section) as run:
         dev = device.detect()
         print(f"device: {dev}")
-        with io.atomic_dir(paths.FEATURES_DIR) as out:  # every backbone's files, meta and index appear together
-            info = extract_splits(bb.name, bb.weights, bb.cut_layer, p, out, meta, dev.kind)
+        with io.atomic_dir(paths.FEATURES_BY_BACKBONE) as out:  # each folder appears whole
             for name in extras:
                 extract_splits(name, extra_weights, None, p, out / name, meta, dev.kind)
+        with io.atomic_dir(paths.FEATURES_DIR) as out:
+            info = extract_splits(bb.name, bb.weights, bb.cut_layer, p, out, meta, dev.kind)
             io.write_text(out / "index.csv", (paths.CACHE_DIR / "index.csv").read_text())
         if run:
             run.log_params({"label": info["label"], "cut_layer": info["cut_layer"], "device": dev.kind})

@@ -10,6 +10,7 @@ VALIDATE_REPORT = VALIDATE_DIR / "report.json"
 VALIDATE_SUMMARY = VALIDATE_DIR / "summary.md"
 CACHE_DIR = DATA / "cache"
 FEATURES_DIR = DATA / "features"
+FEATURES_BY_BACKBONE = DATA / "features_by_backbone"  # bagging.backbones other than backbone.name
 PREDICTIONS_DIR = DATA / "predictions"
 MODELS = Path("models")
 METRICS = Path("metrics")

@@ -17,7 +17,7 @@ def test_dvc_yaml_paths_match_the_stages():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     declared = json.dumps(stages)
     for p in (paths.SPLIT_TABLE, paths.SPLIT_SUMMARY, paths.VALIDATE_REPORT, paths.VALIDATE_SUMMARY, paths.CACHE_DIR,
-              paths.FEATURES_DIR, paths.PREDICTIONS_DIR, paths.METRICS / "evaluate.json"):
+              paths.FEATURES_DIR, paths.FEATURES_BY_BACKBONE, paths.PREDICTIONS_DIR, paths.METRICS / "evaluate.json"):
         assert str(p) in declared, p
     for name, stage in stages.items():
         body = stage.get("do", stage)

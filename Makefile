@@ -57,12 +57,13 @@ cluster-pull: setup  ## the cluster run's dvc.lock, metrics, plots and models in
 	$(BIN)/python -m pipeline.cluster pull
 
 cluster-check: setup  ## tiny pipeline through a temporary cluster, one worker SIGKILLed: metrics/cluster.json
-	$(BIN)/python -m pipeline.cluster check
+	$(BIN)/python -m pipeline.cluster_check
 
 DVC_REMOTE ?= ../dvc-store
-push: setup  ## send DVC-tracked outputs to a local remote folder (DVC_REMOTE=/path; default ../dvc-store)
+push: setup  ## send DVC-tracked outputs and every stage's run-cache entry to a remote folder (DVC_REMOTE=/path)
 	$(BIN)/dvc remote add --force --default local $(abspath $(DVC_REMOTE))
 	$(BIN)/dvc push
+	$(BIN)/python -m pipeline.workspace publish
 
 pull: setup  ## fetch them back (after a fresh clone, say) instead of recomputing
 	$(BIN)/dvc remote add --force --default local $(abspath $(DVC_REMOTE))

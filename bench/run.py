@@ -17,7 +17,7 @@ calls the stages' own functions:
    same photos, plain and with the seeds' augmentation;
 2. extraction: `extract.extract` over a slice of the memory-mapped cache (features stored as float16, the
    stage's default, and as float32) against `predict_on_batch` on the same batches held in memory (the ceiling);
-3. fine-tune step: `train_on_batch` of `finetune.build` (the top of the base unfrozen, `head.build`'s head,
+3. fine-tune step: `train_on_batch` of `finetune.build` (the top of the base unfrozen, `heads.build`'s head,
    `train.compile_for`) without augmentation, with `augment.Augment` first, and with Keras' own random layers;
 4. `dvc status` and a no-op `dvc repro`, only when the pipeline is up to date (otherwise the reason);
 5. with --stage-rss (slow: it RERUNS every stage), each stage's peak RSS.
@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bench import report  # noqa: E402
-from pipeline import augment, backbones, cache, device, extract, finetune, head, io, loader, params, train  # noqa: E402
+from pipeline import augment, backbones, cache, device, extract, finetune, heads, io, loader, params, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "datasets" / "cats_vs_dogs_small"
@@ -384,7 +384,7 @@ def bench_finetune(name: str, size: int, prec: str, cache150: np.ndarray, labels
     with policy(prec):
         base = backbones.build_base(name, "none", size)
         unfrozen = backbones.unfreeze_from(base, None, name)
-        classifier = head.build(base.output_shape[1:], 2, params.Head())
+        classifier = heads.build(base.output_shape[1:], 2, params.Head())
         models = {"no augmentation": finetune.build(base, classifier, p, seed=0, in_model=False),
                   "Augment": finetune.build(base, classifier, p, seed=0, in_model=True),
                   "Keras layers": keras_layers_model(base, classifier)}

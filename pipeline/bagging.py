@@ -10,7 +10,7 @@ import argparse
 
 import numpy as np
 
-from pipeline import curves, extract, head, io, lineage, models, params, paths, predictions, tracking
+from pipeline import curves, features, heads, io, lineage, members, models, params, paths, predictions, tracking
 
 
 def bootstrap(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -18,42 +18,30 @@ def bootstrap(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=max(1, round(fraction * n)))
 
 
-def member_name(member: int) -> str:
-    return f"bagging/member_{member}"
-
-
-def member_backbone(prm: params.Params, member: int) -> str | None:
-    """The backbone member `member` trains on: None for `backbone.name` (features in `data/features`), else the
-    name of one of `bagging.backbones` (features in `data/features/<name>`, `extract.features_dir`)."""
-    names = prm.bagging.backbones
-    name = names[member % len(names)] if names else prm.backbone.name
-    return None if name == prm.backbone.name else name
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bagging")
     ap.add_argument("--member", type=int, required=True, help="the member's seed (one of bagging.members)")
     member = ap.parse_args(argv).member
     prm = params.load()
-    root = extract.features_dir(member_backbone(prm, member))
+    root = features.features_dir(members.member_backbone(prm, member))
     meta = io.read_json(root / "meta.json")
-    p = head.chosen(prm.head)  # the design the head stage chose on validation
-    data = {s: extract.load_features(s, pooled=p.design == "pooled", root=root) for s in paths.SPLITS}
+    p = heads.chosen(prm.head)  # the design the head stage chose on validation
+    data = {s: features.load_features(s, pooled=p.design == "pooled", root=root) for s in paths.SPLITS}
     seed = prm.seed + 1000 * (member + 1)
     rows = np.sort(bootstrap(len(data["train"][1]), prm.bagging.sample_fraction, seed))
     section = {"head": p.model_dump(), "sample_fraction": prm.bagging.sample_fraction, "member": member,
                "backbone": meta["name"]}
-    name = member_name(member)
+    name = members.member_name(member)
     with tracking.stage_run(f"bagging@{member}", section) as run:
-        model, history = head.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
+        model, history = heads.train_head((data["train"][0][rows], data["train"][1][rows]), data["val"],
                                          len(meta["classes"]), p, seed, name=f"member_{member}",
                                          callbacks=[tracking.keras_callback(run)], verbose=0)
-        flips = head.flips_of(p)
+        flips = heads.flips_of(p)
         probs = {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
         models.save(model, name, {
             "name": name, "input": "features", "classes": meta["classes"], "member": member, "seed": seed,
             "threshold": models.choose_threshold(data["val"][1], probs["val"]), "image_size": meta["image_size"],
-            "backbone": head.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
+            "backbone": heads.backbone_of(meta), "tta_flips": {"image": [[]], "features": [list(a) for a in flips]},
             "lineage": lineage.describe(f"bagging@{member}"), "unique_rows": int(len(np.unique(rows))),
             "design": models.read_meta("head")["design"]})
         predictions.save(name, meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))

@@ -9,42 +9,17 @@ from __future__ import annotations
 import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline import io, params, paths, tracking
-
-HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and float."""
-    if im.mode in HIGH_BIT_MODES:
-        a = np.asarray(im, dtype=np.float32)
-        scale = 257.0 if a.max(initial=0) > 255 else 1.0  # 16-bit range down to 8-bit
-        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB")
-
-
-def load_rgb(path: str, size: int) -> np.ndarray:
-    """Decode one image file to a (size, size, 3) uint8 array; EXIF orientation applied, squashed to a square."""
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # let the JPEG decoder downscale by 2/4/8 when the image is much larger
-        im = ImageOps.exif_transpose(im)
-        im = to_rgb(im)
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-
+from pipeline import images, io, manifest, params, paths, tracking
 
 def _load(path: str, size: int) -> np.ndarray:
     try:
-        return load_rgb(path, size)
+        return images.load_rgb(path, size)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise RuntimeError(f"cannot decode {path}: {e}. The validate stage should have flagged it: "
                            "rerun `dvc repro validate`") from e
@@ -61,25 +36,27 @@ def cache_split(files: list[str], size: int, workers: int, desc: str) -> np.ndar
     return out
 
 
-def build(table: pd.DataFrame, skipped: set[str], size: int, workers: int = 0) -> dict[str, tuple]:
-    """Return {split: (images, labels, rows of path and fold)} for train/val/test, leaving out the skipped files."""
+def build(table: pd.DataFrame, skipped: set[str], size: int, workers: int = 0, root: Path = Path(".")) -> dict[str, tuple]:
+    """Return {split: (images, labels, rows of path and fold)} for train/val/test, leaving out the skipped files.
+    The table's paths are relative to `root`, and stay so in the rows returned."""
     workers = workers or os.cpu_count() or 1
     keep = table[table["split"].isin(paths.SPLITS) & ~table["path"].isin(skipped)]
     result = {}
     for split in paths.SPLITS:
         rows = keep[keep["split"] == split]
-        images = cache_split(rows["path"].tolist(), size, workers, f"cache {split}")
+        images = cache_split([str(root / f) for f in rows["path"]], size, workers, f"cache {split}")
         result[split] = (images, rows["label"].to_numpy(np.int64), rows[["path", "fold"]])
     return result
 
 
 def main(argv=None) -> int:
-    p = params.load().cache
+    prm = params.load()
+    p = prm.cache
     table = pd.read_csv(paths.SPLIT_TABLE, keep_default_na=False)
     report = io.read_json(paths.VALIDATE_REPORT)
     summary = io.read_json(paths.SPLIT_SUMMARY)
     with tracking.stage_run("cache", p.model_dump()) as run:
-        splits = build(table, set(report.get("skipped", [])), p.image_size, p.workers)
+        splits = build(table, set(report.get("skipped", [])), p.image_size, p.workers, manifest.root_of(prm.data))
         index = []
         with io.atomic_dir(paths.CACHE_DIR) as out:  # the pairs, index and meta appear together
             for split, (images, labels, rows) in splits.items():

@@ -527,8 +527,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything (the state stays)")
     sub.add_parser("status", help="what runs, and where")
     sub.add_parser("pull", help="the cluster's results into this working tree")
-    c = sub.add_parser("check", help="the pipeline on tiny data through a temporary cluster, with a worker killed")
-    c.add_argument("--out", type=Path, default=Path("metrics/cluster.json"))
     args = ap.parse_args(argv)
     if args.cmd == "up":
         up(args.home)
@@ -537,13 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if report["left"] or report["open_ports"] else 0
     elif args.cmd == "status":
         return 0 if all(status(args.home).values()) else 1
-    elif args.cmd == "pull":
-        pull()
     else:
-        from pipeline import cluster_check
-
-        report = cluster_check.check(out=args.out)
-        return 0 if report["ok"] else 1
+        pull()
     return 0
 
 

@@ -283,3 +283,16 @@ def findings(state: dict, run_id: str, experiment: str, home: Path, report: dict
     report["pull_then_dvc_status"] = dvc_status
     report["pull_then_repro_noop"] = set(dvc_status) <= {"sources"}  # `sources` lists the data: always runs
     report["remote_intact"] = remote_intact(Path(state["dvc_remote"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.cluster_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("metrics/cluster.json"))
+    report = check(out=ap.parse_args(argv).out)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

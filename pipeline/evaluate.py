@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import bagging, ensemble, figures, io, models, params, paths, predictions, report, tracking
+from pipeline import figures, io, members, models, params, paths, predictions, report, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
 SELECTED_BY = models.CHOICE_RULE
@@ -63,12 +63,12 @@ def select(results: dict) -> str:
     return max(results, key=lambda m: models.choice_key(results[m]["val"]))
 
 
-def member_scores(members: list[int]) -> list[dict]:
+def member_scores(chosen: list[int]) -> list[dict]:
     """Each bagging member's accuracy and ROC AUC on val and test, at its own validation threshold."""
     out = []
-    for m in members:
-        pr = ensemble.load_member_predictions(m)
-        t = models.threshold_of(models.read_meta(bagging.member_name(m)))
+    for m in chosen:
+        pr = members.load_predictions(m)
+        t = models.threshold_of(models.read_meta(members.member_name(m)))
         out.append({"member": m, **{f"{s}_{k}": score(pr[f"{s}_y"], pr[f"{s}_prob"], t)[k]
                                     for s in ("val", "test") for k in ("accuracy", "roc_auc")}})
     return out
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         io.write_json(paths.METRICS / "kfold.json", kfold)
         drawn = plot(scored, results, selected)
         trained = [m for m in ("head", "finetune") if m in p.models]
-        trained += [bagging.member_name(m) for m in prm.bagging.members] + [f"kfold/fold_{k}" for k in prm.kfold.folds]
+        trained += [members.member_name(m) for m in prm.bagging.members] + [f"kfold/fold_{k}" for k in prm.kfold.folds]
         page = report.build(results, selected, SELECTED_BY, trained, scored[selected], PLOTS)
         if run:
             run.set_tag("selected", selected)

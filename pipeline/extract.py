@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import backbones, device, io, params, paths, tracking
+from pipeline import backbones, device, features, io, params, paths, tracking
 
 
 def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", desc: str = "extract"):
@@ -36,35 +36,6 @@ def extract(base, images: np.ndarray, batch_size: int, dtype: str = "float16", d
     return outs if len(outs) > 1 else outs[0]
 
 
-def extra_backbones(prm: params.Params) -> list[str]:
-    """The backbones that bagging members train on besides `backbone.name` (`bagging.backbones`)."""
-    return [b for b in prm.bagging.backbones if b != prm.backbone.name]
-
-
-def features_dir(backbone: str | None = None) -> Path:
-    """Where the features of `backbone` are: `data/features` for `backbone.name` (None), else a folder of the same
-    layout, `data/features_by_backbone/<backbone>`."""
-    return paths.FEATURES_DIR if backbone is None else paths.FEATURES_BY_BACKBONE / backbone
-
-
-def load_features(split: str, pooled: bool = False, root: Path = paths.FEATURES_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of one split, as this stage wrote them into `root` (read into memory): the maps, or
-    with `pooled` the pooled top vectors."""
-    if not pooled:
-        return io.load_pair(root / split, mmap=False)
-    x = io.load_npy(root / f"{split}_pooled.npy", mmap=False)  # not the maps: they are not needed
-    y = io.load_npy(root / f"{split}_y.npy", mmap=False)
-    if len(x) != len(y):
-        raise ValueError(f"{root}/{split}_pooled.npy and {split}_y.npy disagree: rerun `dvc repro extract`")
-    return x, y
-
-
-def features_model(meta: dict, pooled: bool = False):
-    """The frozen backbone that the features in `meta` (features/meta.json) came from: image in, map (or pooled
-    top vector) out."""
-    return backbones.build_base(meta["name"], meta["weights"], meta["image_size"], meta["cut_layer"], pooled=pooled)
-
-
 def extract_splits(name: str, weights: str, cut_layer: str | None, p: params.Extract, out: Path,
                    cache_meta: dict, device_kind: str) -> dict:
     """Features of every cached split by one backbone into `out` (maps, pooled tops, labels, meta.json)."""
@@ -74,11 +45,11 @@ def extract_splits(name: str, weights: str, cut_layer: str | None, p: params.Ext
     out.mkdir(parents=True, exist_ok=True)
     for split in paths.SPLITS:
         images, labels = io.load_pair(paths.CACHE_DIR / split)
-        features, pooled = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split} ({name})")
-        assert len(features) == len(pooled) == len(labels) == len(images), f"{split}: misaligned features"
-        io.save_pair(out / split, features, labels)
+        maps, pooled = extract(base, images, p.batch_size, p.dtype, desc=f"extract {split} ({name})")
+        assert len(maps) == len(pooled) == len(labels) == len(images), f"{split}: misaligned features"
+        io.save_pair(out / split, maps, labels)
         io.save_npy(out / f"{split}_pooled.npy", pooled)
-        shapes[split], pooled_shapes[split] = list(features.shape), list(pooled.shape)
+        shapes[split], pooled_shapes[split] = list(maps.shape), list(pooled.shape)
     info = {**backbones.describe(name, weights, cut_layer, size), "dtype": p.dtype, "shapes": shapes,
             "pooled_layer": backbones.spec(name).top_layer, "pooled_shapes": pooled_shapes,
             "classes": cache_meta["classes"], "device": device_kind}
@@ -92,7 +63,7 @@ def main(argv=None) -> int:
     prm = params.load()
     bb, p = prm.backbone, prm.extract
     meta = io.read_json(paths.CACHE_DIR / "meta.json")
-    extras = extra_backbones(prm)
+    extras = features.extra_backbones(prm)
     # the other backbones take the same kind of weights (a weights file belongs to backbone.name) and their own cut
     extra_weights = bb.weights if bb.weights in backbones.NAMED_WEIGHTS else "default"
     section = {"backbone": bb.model_dump(), "extract": p.model_dump(), "extra_backbones": extras}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -64,20 +65,40 @@ def files(source: Path) -> list[Path]:
     return out
 
 
-def listing(source: Path, content: bool = False) -> list[dict]:
-    """One row per file: relative path, size and mtime (or, with `content`, its sha256), and `outside_root`."""
+def listing(source: Path, content: bool = False, memo: Path | None = None) -> list[dict]:
+    """One row per file: its path relative to the data root, its state (size and mtime, or with `content` its
+    sha256) or `outside_root` / `missing`. With `memo` (a JSON file of this machine's, outside every output) a file
+    whose size and mtime are unchanged is not read again for its hash."""
     root, rows = data_root(source), []
+    known = _read_memo(memo) if content and memo else {}
+    seen = {}
     for f in files(source):
-        rel = os.path.relpath(f, root if source.is_dir() else source.resolve().parent)
+        rel = Path(os.path.relpath(f, root if source.is_dir() else source.resolve().parent)).as_posix()
         if not inside(f, root):
-            rows.append({"path": Path(rel).as_posix(), "state": OUTSIDE_ROOT})
+            rows.append({"path": rel, "state": OUTSIDE_ROOT})
         elif not f.exists():
-            rows.append({"path": Path(rel).as_posix(), "state": "missing"})
+            rows.append({"path": rel, "state": "missing"})
         else:
             st = f.stat()
-            state = io.sha256_file(f) if content else f"{st.st_size}:{st.st_mtime_ns}"
-            rows.append({"path": Path(rel).as_posix(), "state": state})
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            if not content:
+                state = stamp
+            else:
+                key = str(f.resolve())
+                state = known[key][1] if key in known and known[key][0] == stamp else io.sha256_file(f)
+                seen[key] = [stamp, state]
+            rows.append({"path": rel, "state": state})
+    if content and memo:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        io.write_text(memo, json.dumps({**known, **seen}))
     return rows
+
+
+def _read_memo(memo: Path) -> dict:
+    try:
+        return json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def fingerprint(source: Path, content: bool = False) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from pipeline import curves, extract, head, io, models, params, paths, predictions, tracking
+from pipeline import curves, features, heads, io, models, params, paths, predictions, tracking
 
 
 def fold_data(fold: int, pooled: bool = False):
@@ -20,7 +20,7 @@ def fold_data(fold: int, pooled: bool = False):
     index = pd.read_csv(paths.FEATURES_DIR / "index.csv")
     xs, ys, folds = [], [], []
     for split in ("train", "val"):
-        x, y = extract.load_features(split, pooled)
+        x, y = features.load_features(split, pooled)
         xs.append(x), ys.append(y), folds.append(index.loc[index["split"] == split, "fold"].to_numpy())
     x, y, f = np.concatenate(xs), np.concatenate(ys), np.concatenate(folds)
     if len(f) != len(y):
@@ -42,16 +42,16 @@ def main(argv=None) -> int:
     fold = ap.parse_args(argv).fold
     prm = params.load()
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    p = head.chosen(prm.head)  # the design the head stage chose on validation
+    p = heads.chosen(prm.head)  # the design the head stage chose on validation
     (train_xy, held_xy) = fold_data(fold, pooled=p.design == "pooled")
     # early stopping watches a slice of the training folds, never the fold being scored
     order = np.random.default_rng(prm.seed + fold).permutation(len(train_xy[1]))
     inner, fit_rows = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10):]
     with tracking.stage_run(f"kfold@{fold}", {"head": p.model_dump(), "epochs": prm.kfold.epochs}) as run:
-        model, history = head.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
-                                         (train_xy[0][inner], train_xy[1][inner]), len(meta["classes"]), p,
+        model, history = heads.train_head((train_xy[0][fit_rows], train_xy[1][fit_rows]),
+                                          (train_xy[0][inner], train_xy[1][inner]), len(meta["classes"]), p,
                                          prm.seed + fold, name=f"fold_{fold}", epochs=prm.kfold.epochs, verbose=0)
-        prob = predictions.probabilities(model, held_xy[0], flips=head.flips_of(p))
+        prob = predictions.probabilities(model, held_xy[0], flips=heads.flips_of(p))
         result = {"fold": fold, **score(held_xy[1], prob),
                   "n_train": len(fit_rows), "n_val": len(held_xy[1])}
         if run:

@@ -1,6 +1,8 @@
 """Which data and code a result came from: recorded in every model's JSON, MLflow run and registered version.
 
-- `git_commit`: the commit of the project's working tree (plus `dirty` when tracked files differ from it);
+- `git_commit`: the commit of the project's working tree (plus `dirty` when tracked files differ from it), for
+  MLflow only: an output that held it could never be reproduced by a later commit;
+- `code_sha256`: one hash over the project modules the stage runs (its code deps in dvc.yaml);
 - `split_sha256`: the hash of the split table (`data/split.csv`), i.e. exactly which images and splits;
 - `inputs_md5`: one hash over the `dvc.lock` hashes of the stage's data inputs (the outputs of the stages it
   reads), so two runs with the same value trained on byte-identical inputs.
@@ -61,9 +63,23 @@ def inputs_md5(stage: str) -> str | None:
     return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def code_sha256(stage: str) -> str | None:
+    """One hash over the contents of the project modules `stage` depends on (its `pipeline/` deps in dvc.yaml,
+    folders file by file): the code a result came from, the same in every clone of the same code."""
+    files = sorted({f for d in _stage_deps(stage) if d.startswith("pipeline/")
+                    for f in ([Path(d)] if Path(d).is_file() else sorted(Path(d).rglob("*.py")))})
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.as_posix()}\0{io.sha256_file(f)}\n".encode())
+    return h.hexdigest()[:32]
+
+
 def describe(stage: str | None = None) -> dict:
-    """The lineage of a result produced by `stage` now."""
-    out = {**git_commit(), "split_sha256": split_sha256()}
+    """The lineage of a result produced by `stage` now, by content only (what outputs record: the same on every
+    machine and in every later commit of the same code and data). `git_commit` is for MLflow's tags."""
+    out = {"split_sha256": split_sha256()}
     if stage:
-        out["inputs_md5"] = inputs_md5(stage)
+        out.update(inputs_md5=inputs_md5(stage), code_sha256=code_sha256(stage))
     return out

@@ -123,12 +123,41 @@ def custom_objects() -> dict:
 
 
 def save(model, name: str, meta: dict) -> Path:
-    """Write the model and its JSON atomically (the JSON last, so a reader never sees new metadata on an old model)."""
+    """Write the model and its JSON atomically (the JSON last, so a reader never sees new metadata on an old model).
+    The same model gives the same bytes (`_same_bytes`), so DVC and its run-cache see the same model everywhere."""
     target = path(name)
     with io.atomic_path(target, suffix=SUFFIX) as tmp:
         model.save(tmp)
+        _same_bytes(tmp)
     io.write_json(meta_path(name), meta)
     return target
+
+
+def _same_bytes(file: Path) -> None:
+    """Rewrite a `.keras` zip without what the clock and the process put in it: Keras stamps the weights entry with
+    the time of writing and `metadata.json` with `date_saved`, and numbers the objects layers share (a dtype policy)
+    by their memory address (`shared_object_id`); these are renumbered in order of appearance."""
+    import json
+    import zipfile
+
+    ids: dict = {}
+
+    def renumber(node):
+        if isinstance(node, dict):
+            return {k: ids.setdefault(v, len(ids) + 1) if k == "shared_object_id" else renumber(v)
+                    for k, v in node.items()}
+        return [renumber(v) for v in node] if isinstance(node, list) else node
+
+    with zipfile.ZipFile(file) as z:
+        entries = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(file, "w") as z:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "date_saved"}).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(renumber(json.loads(data))).encode()
+            z.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), data,
+                       compress_type=info.compress_type)
 
 
 def load(name: str):

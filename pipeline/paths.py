@@ -3,6 +3,7 @@ from pathlib import Path
 
 DATA = Path("data")
 SOURCE_INDEX = DATA / "source_index.csv"
+HASH_MEMO = Path(".dvc/tmp/source_hashes.json")  # this machine's (size, mtime) -> sha256 of the source's files: never an output
 SPLIT_TABLE = DATA / "split.csv"
 SPLIT_SUMMARY = DATA / "split_summary.json"
 VALIDATE_DIR = DATA / "validate"

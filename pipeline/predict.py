@@ -16,8 +16,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import io, models
-from pipeline.cache import load_rgb
-from pipeline.sources import IMAGE_EXTENSIONS
+from pipeline.images import load_rgb
+from pipeline.inventory import IMAGE_EXTENSIONS
 
 
 def image_files(inputs) -> list[Path]:

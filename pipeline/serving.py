@@ -30,7 +30,7 @@ import pandas as pd
 
 def decode(item, size: int) -> np.ndarray:
     """One image (base64 text or raw bytes of an image file) as (size, size, 3) uint8, preprocessed as training."""
-    from pipeline.cache import load_rgb
+    from pipeline.images import load_rgb
 
     if isinstance(item, str):
         try:
@@ -45,7 +45,7 @@ def as_images(model_input, size: int) -> np.ndarray:
     """The model input (array, DataFrame of `image` or `path`, dict of arrays) as a uint8/float (N, size, size, 3)."""
     from PIL import Image
 
-    from pipeline.cache import load_rgb
+    from pipeline.images import load_rgb
 
     if isinstance(model_input, dict) and len(model_input) == 1:
         model_input = next(iter(model_input.values()))
@@ -100,7 +100,7 @@ def log_model(mlflow_module, model_file: Path, registered_model_name: str | None
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from pipeline import cache, models
+    from pipeline import images, models
 
     meta = models.read_meta(str(model_file))
     signature = ModelSignature(
@@ -113,7 +113,7 @@ def log_model(mlflow_module, model_file: Path, registered_model_name: str | None
 
     Image.fromarray(example).save(buffer, format="PNG")
     input_example = pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})
-    package = Path(cache.__file__).resolve().parent
+    package = Path(images.__file__).resolve().parent
     return mlflow_module.pyfunc.log_model(
         name="model", python_model=str(Path(__file__).resolve()), code_paths=[str(package)],
         artifacts={"model": str(model_file), "meta": str(models.meta_path(str(model_file)))},

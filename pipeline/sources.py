@@ -1,156 +1,23 @@
-"""Data sources: each turns `params.data` into the same manifest, one row per image.
+"""Sources stage (`python -m pipeline.sources`, run on every `dvc repro`): list the data source's files with their
+content hashes in `data/source_index.csv`. Split depends on that list, so adding, removing or changing an image
+reruns split and whatever its new table changes; a copy of the same images elsewhere (another machine, another data
+folder, another virtualenv) gives the same bytes, and DVC's run-cache and remote recognise it.
 
-Manifest columns: path, class_name, label, sha256, width, height, mode, decodable, error, then the source's own
-columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`: orig_split).
-Every file is hashed and fully decoded once here, in parallel, so validate can judge it without decoding again.
-A symlink that leads outside the data root is not followed: its row says so in `error` (`inventory.OUTSIDE_ROOT`).
-
-As the `sources` stage (`python -m pipeline.sources`, run on every `dvc repro`), it lists the source's files
-(path, size, modification time) in `data/source_index.csv`; split depends on that list, so adding, removing or
-changing an image reruns split and whatever its new table changes.
+Hashing is cheap after the first run: `inventory.listing` keeps a per-machine memo of (size, mtime) -> sha256 out of
+every output (under `.dvc/tmp`), so only new or changed files are read.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-
 import pandas as pd
-from PIL import Image
-from tqdm import tqdm
 
 from pipeline import inventory, io, params, paths
-from pipeline.inventory import IMAGE_EXTENSIONS
-from pipeline.params import Data
-
-SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
-ELPV_CLASSES = ["functional", "defective"]
-
-
-class SourceError(ValueError):
-    """The data source cannot be read; the message names the path and the fix."""
-
-
-def _is_image(p: Path) -> bool:
-    return (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
-def _existing_dir(path: str | None, what: str) -> Path:
-    root = Path(path or "").expanduser()
-    if not path or not root.is_dir():
-        raise SourceError(f"data folder '{path}' not found: set data.path in params.yaml to the folder of {what}")
-    return root.resolve()
-
-
-def elpv_rows(p: Data) -> pd.DataFrame:
-    try:
-        root = inventory.elpv_root()
-    except FileNotFoundError as e:
-        raise SourceError(str(e)) from None
-    table = pd.read_csv(root / "labels.csv", sep=r"\s+", header=None, names=["file", "probability", "type"])
-    defective = table["probability"] >= p.elpv_threshold
-    return pd.DataFrame({
-        "path": [str(root / f) for f in table["file"]],
-        "class_name": [ELPV_CLASSES[int(d)] for d in defective],
-        "probability": table["probability"].round(4),
-        "type": table["type"],
-    })
-
-
-def folder_rows(p: Data) -> pd.DataFrame:
-    root = _existing_dir(p.path, "one sub-folder per class")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    presplit = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
-    rows = []
-    for split_dir in presplit or [root]:
-        class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-        for class_dir in class_dirs:
-            files = sorted(f for f in class_dir.rglob("*") if _is_image(f))
-            if not files:
-                raise SourceError(f"class folder '{class_dir}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
-                                  "add images or remove the folder")
-            row = {"class_name": class_dir.name}
-            if presplit and p.existing_split == "honour":
-                row["orig_split"] = SPLIT_FOLDERS[split_dir.name.lower()]
-            rows += [{"path": str(f), **row} for f in files]
-    if not rows:
-        raise SourceError(f"no class sub-folders with images in '{root}': expected e.g. {root}/cats/*.jpg, {root}/dogs/*.jpg")
-    return pd.DataFrame(rows)
-
-
-def kaggle_rows(p: Data) -> pd.DataFrame:
-    root = _existing_dir(p.path, "images named like cat.123.jpg / dog.45.jpg")
-    files = sorted(f for f in root.iterdir() if _is_image(f))
-    bad = [f.name for f in files if "." not in f.stem]
-    if not files or bad:
-        raise SourceError(f"'{root}' should hold files named <label>.<id>.jpg (as in the Dogs vs. Cats download); "
-                          f"{'no images found' if not files else 'unlabelled: ' + ', '.join(bad[:5])}")
-    return pd.DataFrame({"path": [str(f) for f in files], "class_name": [f.name.split(".")[0].lower() for f in files]})
-
-
-def csv_rows(p: Data) -> pd.DataFrame:
-    manifest = Path(p.path).expanduser()
-    if not manifest.is_file():
-        raise SourceError(f"manifest '{manifest}' not found: set data.path to a CSV with columns path,label[,group,...]")
-    table = pd.read_csv(manifest, dtype={"label": str})
-    missing = {"path", "label"} - set(table.columns)
-    if missing:
-        raise SourceError(f"{manifest} lacks column(s) {sorted(missing)}: it needs path,label (plus optional group and extras)")
-    base = manifest.resolve().parent
-    table["path"] = [str((base / f).resolve()) for f in table["path"]]
-    return table.rename(columns={"label": "class_name"})
-
-
-READERS = {"elpv": elpv_rows, "folder": folder_rows, "kaggle": kaggle_rows, "csv": csv_rows}
-
-
-def inspect(path: str, root: Path | None = None) -> dict:
-    """Hash the bytes and decode the image fully; never raises (a bad file is reported, not fatal). A path whose
-    symlinks lead outside `root` is not opened at all."""
-    info = {"sha256": "", "width": 0, "height": 0, "mode": "", "decodable": False, "error": ""}
-    if root is not None and not inventory.inside(path, root):
-        info["error"] = f"{inventory.OUTSIDE_ROOT}: {path} leads to {Path(path).resolve()}, which is not followed"
-        return info
-    try:
-        info["sha256"] = io.sha256_file(path)
-        with Image.open(path) as im:
-            info.update(width=im.width, height=im.height, mode=im.mode)
-            im.load()
-        info["decodable"] = True
-    except Exception as e:  # noqa: BLE001 - any decoder failure is data, recorded for validate
-        info["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
-    return info
-
-
-def root_of(p: Data) -> Path:
-    """The folder the source's images must stay inside (symlinks leading elsewhere are not followed)."""
-    return inventory.data_root(inventory.source_path(p.model_dump()))
-
-
-def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
-    """Return the manifest (sorted by path) and the class names in label order."""
-    table = READERS[p.source](p)
-    if p.limit_per_class:
-        table = table.groupby("class_name", sort=True, group_keys=False).head(p.limit_per_class)
-    classes = ELPV_CLASSES if p.source == "elpv" else sorted(table["class_name"].unique())
-    table = table.sort_values("path", kind="stable").reset_index(drop=True)
-    workers = workers or os.cpu_count() or 1
-    roots = [root_of(p)] * len(table)
-    with ProcessPoolExecutor(workers) as pool:
-        infos = list(tqdm(pool.map(inspect, table["path"], roots, chunksize=16), total=len(table),
-                          desc="ingest: hash + decode", unit="img"))
-    info = pd.DataFrame(infos)
-    table.insert(1, "label", table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(int))
-    front = ["path", "class_name", "label"]
-    table = pd.concat([table[front], info, table.drop(columns=front)], axis=1)
-    return table, classes
+from pipeline.manifest import SourceError
 
 
 def main(argv=None) -> int:
-    """The `sources` stage: list the data source's files in data/source_index.csv (no decoding)."""
     data = params.load().data
     try:
-        rows = inventory.listing(inventory.source_path(data.model_dump()))
+        rows = inventory.listing(inventory.source_path(data.model_dump()), content=True, memo=paths.HASH_MEMO)
     except FileNotFoundError as e:
         raise SourceError(str(e)) from None
     io.write_csv(paths.SOURCE_INDEX, pd.DataFrame(rows, columns=["path", "state"]))

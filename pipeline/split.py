@@ -1,7 +1,7 @@
 """Split stage: ingest the data source, then assign every image to train/val/test and a cross-validation fold.
 
 Holdout by ratios (0.65/0.10/0.25) or by counts (2000/1000/1000, balanced per class), stratified on the label
-plus any `split.stratify` columns, seeded. Images of one `group`, and exact duplicates (same sha256), always land
+plus any `split.stratify` columns, seeded. Paths are relative to the data root (`pipeline.manifest`). Images of one `group`, and exact duplicates (same sha256), always land
 in the same split and fold. Same params and data give a byte-identical table.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline import io, params, paths, sources, tracking
+from pipeline import io, manifest, params, paths, tracking
 from pipeline.params import Split
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     prm = params.load()
     with tracking.stage_run("split", {"data": prm.data.model_dump(), "split": prm.split.model_dump(),
                                       "seed": prm.seed}) as run:
-        table, classes = sources.ingest(prm.data)
+        table, classes = manifest.ingest(prm.data)
         table = assign(table, classes, prm.split, prm.seed)
         summary = summarize(table, classes, prm.split, prm.data.source)
         io.write_csv(paths.SPLIT_TABLE, table)

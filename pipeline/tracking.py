@@ -71,7 +71,7 @@ def _parent(client, exp_id: str, rid: str) -> str:
     found = client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role = 'parent'", max_results=1)
     if found:
         return found[0].info.run_id
-    tags = {"pipeline_run_id": rid, "role": "parent", **_lineage_tags(lineage.describe())}
+    tags = {"pipeline_run_id": rid, "role": "parent", **_lineage_tags({**lineage.git_commit(), **lineage.describe()})}
     return client.create_run(exp_id, run_name=f"pipeline {rid}", tags=tags).info.run_id
 
 
@@ -136,7 +136,7 @@ def stage_run(stage: str, section: dict | None = None):
     parent = _parent(client, exp_id, rid)
     _close_orphans(client, exp_id, rid, stage)
     tags = {"stage": stage, "role": "stage", "pipeline_run_id": rid, "mlflow.parentRunId": parent,
-            **_lineage_tags(lineage.describe(stage))}
+            **_lineage_tags({**lineage.git_commit(), **lineage.describe(stage)})}
     if worker := os.environ.get("PIPELINE_WORKER"):  # the cluster worker that ran it (pipeline.workspace)
         tags["worker"] = worker
     try:
@@ -253,7 +253,8 @@ def register(if_better: bool = False) -> str:
             return (f"not registered: version {current.version} scores {old_acc:.4f} on the current test split "
                     f"({len(truth)} images), {name} {new_acc:.4f}")
     rid = pipeline_run_id()
-    info = models.read_meta(name).get("lineage") or {}  # the data and code the model came from, not today's tree
+    # the data and code the model came from (by content, from its JSON), and the commit that registers it
+    info = {**lineage.git_commit(), **(models.read_meta(name).get("lineage") or {})}
     parent = _parent(client, exp_id, rid)
     tags = {"stage": "register", "role": "register", "pipeline_run_id": rid, "model": name,
             "selected_by": report.get("selected_by", ""), "mlflow.parentRunId": parent, **_lineage_tags(info)}

@@ -36,6 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 LOCK = Path(".dvc") / "tmp" / "workspace.lock"
 REMOTE_NAME = "pipeline"
 
@@ -164,17 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.workspace", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("commit", help="print the commit this DAG run builds")
+    sub.add_parser("publish", help="every stage's outputs and run-cache entry to the default DVC remote (`make push`)")
     s = sub.add_parser("stage", help="run one dvc.yaml stage (or foreach instance) for this DAG run")
     s.add_argument("target")
     e = sub.add_parser("exec", help="run a command where TARGET's outputs are present")
     e.add_argument("target")
     e.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    os.environ.setdefault("PIPELINE_PYTHON", sys.executable)  # the stage commands (bin/python) in a clone: this one
     if args.cmd == "commit":
         print(resolve_commit())
         return 0
     if args.cmd == "stage":
         stage(args.target)
+        return 0
+    if args.cmd == "publish":
+        for name in yaml.safe_load(Path("dvc.yaml").read_text())["stages"]:
+            push(Path.cwd(), name)
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

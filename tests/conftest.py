@@ -96,6 +96,9 @@ def set_params(over: dict) -> None:
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
 
 
+STAGE_ARG = {"bagging": "member", "kfold": "fold", "finetune": "start-from"}  # the option a `stage@item` passes
+
+
 def run_stages(*stages: str) -> None:
     """Run stage `main()`s in this process, in order (one TensorFlow import for the whole suite)."""
     import importlib
@@ -103,7 +106,7 @@ def run_stages(*stages: str) -> None:
     for stage in stages:
         name, _, arg = stage.partition("@")
         module = importlib.import_module(f"pipeline.{name}")
-        argv = [] if not arg else [f"--{ {'bagging': 'member', 'kfold': 'fold', 'finetune': 'start-from'}[name]}", arg]
+        argv = [] if not arg else [f"--{STAGE_ARG[name]}", arg]
         assert module.main(argv) == 0, f"stage {stage} failed"
 
 

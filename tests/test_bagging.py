@@ -55,11 +55,11 @@ def test_an_empty_member_list_is_a_clear_error(trained_copy):
 def test_members_on_several_backbones(trained_copy):
     """bagging.backbones: member i on backbones[i % n]; extract writes the others' features beside the main ones,
     and the ensemble is one image-in model with a (features, classifier) pair per backbone."""
-    from pipeline import extract, io, report
+    from pipeline import features, io, report
 
     set_params({"bagging": {"backbones": ["small_cnn", "efficientnet_lite0"], "members": [0, 1, 2]}})
     run_stages("extract", "bagging@0", "bagging@1", "bagging@2", "ensemble")
-    lite = io.read_json(extract.features_dir("efficientnet_lite0") / "meta.json")
+    lite = io.read_json(features.features_dir("efficientnet_lite0") / "meta.json")
     assert lite["name"] == "efficientnet_lite0" and lite["cut_layer"] == "block5c_add"
     assert io.read_json(paths.FEATURES_DIR / "meta.json")["name"] == "small_cnn"
     assert [models.read_meta(f"bagging/member_{i}")["backbone"]["name"] for i in (0, 1, 2)] == \
@@ -75,3 +75,7 @@ def test_members_on_several_backbones(trained_copy):
         np.testing.assert_allclose(models.predict(model, images), e["val_prob"], atol=1e-4)
     cams = report.grad_cam(model, np.asarray(images[:2]), y[:2])
     assert cams.shape == (2, *images.shape[1:3]) and cams.max() <= 1.0
+    # both backbones' maps count: the mean differs from the first pair's map alone, and no image's map is blank
+    (f0, c0), _ = parts
+    assert not np.allclose(cams, report._grad_cam(f0, c0, np.asarray(images[:2]), y[:2]))
+    assert (cams.reshape(2, -1).max(1) > 0).all()

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image, run_stages, set_params
-from pipeline import cache, io, paths
+from pipeline import cache, images, io, paths
 
 
 def test_modes_become_rgb(tmp_path):
@@ -23,13 +23,13 @@ def test_modes_become_rgb(tmp_path):
     gray = tmp_path / "l.png"
     Image.fromarray(rgb[..., 0]).save(gray)
     for f in (cmyk, rgba, sixteen, palette, gray):
-        a = cache.load_rgb(str(f), 16)
+        a = images.load_rgb(str(f), 16)
         assert a.shape == (16, 16, 3) and a.dtype == np.uint8, f.name
-    assert abs(int(cache.load_rgb(str(cmyk), 16)[8, 2, 0]) - 200) < 12  # red survives the CMYK round trip
-    assert cache.load_rgb(str(rgba), 16)[8, 2].tolist() == [200, 40, 10]  # alpha dropped, colour kept
-    s = cache.load_rgb(str(sixteen), 16)
+    assert abs(int(images.load_rgb(str(cmyk), 16)[8, 2, 0]) - 200) < 12  # red survives the CMYK round trip
+    assert images.load_rgb(str(rgba), 16)[8, 2].tolist() == [200, 40, 10]  # alpha dropped, colour kept
+    s = images.load_rgb(str(sixteen), 16)
     assert s.max() > 200 and (s[..., 0] == s[..., 1]).all()  # 16-bit range scaled into 8 bits, gray
-    assert cache.load_rgb(str(gray), 16)[8, 2].tolist() == [200, 200, 200]
+    assert images.load_rgb(str(gray), 16)[8, 2].tolist() == [200, 200, 200]
 
 
 def test_stage_aligns_rows_and_skips_bad_files(project):

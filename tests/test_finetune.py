@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_stages, set_params
-from pipeline import backbones, finetune, head, io, models, paths, train
+from pipeline import backbones, finetune, heads, io, models, paths, train
 
 
 def test_refuses_to_start_without_a_trained_head(trained_copy):
@@ -39,7 +39,7 @@ def test_unfrozen_weights_change_while_batchnorm_statistics_do_not():
 
     keras.utils.set_random_seed(0)
     base = backbones.build_base("efficientnet_lite0", "default", 32)
-    classifier = head.build(base.output_shape[1:], 2, Head(conv_filters=4, horizontal_flip=False))
+    classifier = heads.build(base.output_shape[1:], 2, Head(conv_filters=4, horizontal_flip=False))
     backbones.unfreeze_from(base, "block5a_expand_conv", "efficientnet_lite0")
     before = {l.name: [w.copy() for w in l.get_weights()] for l in base.layers if l.weights}
     model = train.compile_for(finetune.build(base, classifier, Finetune(), seed=0, in_model=False), 2, 1e-2)

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import head, io, loader, models, paths, predictions, train
+from pipeline import heads, io, loader, models, paths, predictions, train
 from pipeline.params import Head
 
 
@@ -33,9 +33,9 @@ def test_class_weights_balance_the_classes():
 
 
 def test_softmax_for_more_than_two_classes():
-    model = head.build((4, 4, 8), 3, Head(hidden=8))
+    model = heads.build((4, 4, 8), 3, Head(hidden=8))
     assert model.output_shape == (None, 3) and model.layers[-1].activation.__name__ == "softmax"
-    assert head.build((4, 4, 8), 2, Head(hidden=0)).layers[-1].activation.__name__ == "sigmoid"
+    assert heads.build((4, 4, 8), 2, Head(hidden=0)).layers[-1].activation.__name__ == "sigmoid"
 
 
 def test_batches_reshuffle_every_epoch_and_keep_pairs():
@@ -52,25 +52,25 @@ def test_batches_reshuffle_every_epoch_and_keep_pairs():
 
 
 def test_conv_head_or_pooling_head():
-    conv = head.build((6, 6, 8), 2, Head(conv_filters=4, conv_layers=2, hidden=0))
+    conv = heads.build((6, 6, 8), 2, Head(conv_filters=4, conv_layers=2, hidden=0))
     convs = [l for l in conv.layers if isinstance(l, keras.layers.Conv2D)]
     assert [l.name for l in convs] == ["head_conv1", "head_conv2"] and convs[0].filters == 4
     assert conv.get_layer("head_flip").mode == "horizontal"  # left-right flips only
     with pytest.raises(ValueError, match="resolve `vertical_flip: auto` first"):
-        head.build((6, 6, 8), 2, Head(vertical_flip="auto"))  # the head stage decides that on validation
-    pooled = head.build((6, 6, 8), 2, Head(conv_filters=0, horizontal_flip=False))
+        heads.build((6, 6, 8), 2, Head(vertical_flip="auto"))  # the head stage decides that on validation
+    pooled = heads.build((6, 6, 8), 2, Head(conv_filters=0, horizontal_flip=False))
     assert not any(isinstance(l, (keras.layers.Conv2D, keras.layers.RandomFlip)) for l in pooled.layers)
-    flat = head.build((8,), 2, Head())  # a flat feature vector: no map-only layers
+    flat = heads.build((8,), 2, Head())  # a flat feature vector: no map-only layers
     assert flat.output_shape == (None, 1) and not any(isinstance(l, keras.layers.Conv2D) for l in flat.layers)
 
 
 def test_feature_stats_standardise_per_channel():
     x = np.random.default_rng(0).normal(3.0, 2.0, (50, 4, 4, 3)).astype(np.float16)
-    mean, var = head.feature_stats(x, chunk=7)
+    mean, var = heads.feature_stats(x, chunk=7)
     flat = x.astype(np.float64).reshape(-1, 3)
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(var, flat.var(0), rtol=1e-4)
-    model = head.build((4, 4, 3), 2, Head(conv_filters=0, horizontal_flip=False), stats=(mean, var))
+    model = heads.build((4, 4, 3), 2, Head(conv_filters=0, horizontal_flip=False), stats=(mean, var))
     standardised = keras.Model(model.inputs, model.get_layer("head_standardise").output).predict(x, verbose=0)
     np.testing.assert_allclose(standardised.reshape(-1, 3).mean(0), 0, atol=1e-3)
 
@@ -101,17 +101,17 @@ def test_conv_head_finds_a_local_spot_wherever_it_is():
         x[i, r:r + 2, c:c + 2, :] += 2.5
     p = Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25,
              horizontal_flip=True, vertical_flip=True)
-    model, _ = head.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
+    model, _ = heads.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
     prob = predictions.probabilities(model, x[240:], flips=models.flip_axes(p))
     assert ((prob >= 0.5) == y[240:]).mean() >= 0.9
 
 
 def test_head_designs_to_try():
-    auto = head.candidates(Head(vertical_flip="auto"))
+    auto = heads.candidates(Head(vertical_flip="auto"))
     assert [(p.design, p.vertical_flip) for p in auto] == [("map", False), ("map", True), ("pooled", False)]
-    assert [head.design_name(p) for p in auto] == ["map (flips h)", "map (flips h+v)", "pooled"]
-    assert [(p.design, p.vertical_flip) for p in head.candidates(Head(design="map", vertical_flip=True))] == [("map", True)]
-    assert len(head.candidates(Head(design="pooled"))) == 1
+    assert [heads.design_name(p) for p in auto] == ["map (flips h)", "map (flips h+v)", "pooled"]
+    assert [(p.design, p.vertical_flip) for p in heads.candidates(Head(design="map", vertical_flip=True))] == [("map", True)]
+    assert len(heads.candidates(Head(design="pooled"))) == 1
 
 
 def test_the_design_is_chosen_on_validation_without_reading_test_rows(trained_copy):

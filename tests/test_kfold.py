@@ -2,13 +2,13 @@
 import numpy as np
 
 from conftest import run_stages
-from pipeline import evaluate, extract, io, kfold, paths
+from pipeline import evaluate, features, io, kfold, paths
 
 
 def test_fold_data_is_disjoint_and_complete(trained_copy):
     (tx, ty), (hx, hy) = kfold.fold_data(0)
     (tx1, _), (hx1, _) = kfold.fold_data(1)
-    n = sum(len(extract.load_features(s)[1]) for s in ("train", "val"))
+    n = sum(len(features.load_features(s)[1]) for s in ("train", "val"))
     assert len(ty) + len(hy) == n and len(hx) + len(hx1) == n
     assert len(hy) > 0 and len(tx) == len(hx1)  # two folds: fold 0's training rows are fold 1's held-out rows
 

@@ -27,7 +27,7 @@ def test_grad_cam_lights_up_the_spot_that_decides():
     class-1 images the head gets right, the Grad-CAM map peaks on the spot."""
     import keras
 
-    from pipeline import head
+    from pipeline import heads
     from pipeline.params import Head
 
     rng = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def test_grad_cam_lights_up_the_spot_that_decides():
         x[i, r:r + 2, c:c + 2, :] += 2.5
     p = Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25,
              horizontal_flip=True, vertical_flip=True)
-    classifier, _ = head.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
+    classifier, _ = heads.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
     inputs = keras.Input((10, 10, 4))
     features = keras.Model(inputs, keras.layers.Identity()(inputs), name="features")  # the "image" is the map
     model = models.compose(features, [classifier], map_flips=models.flip_axes(p))

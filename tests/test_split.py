@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 
 from conftest import make_folder, make_image, run_stages, set_params
-from pipeline import io, paths, sources, split
+from pipeline import io, manifest, paths, split
 from pipeline.params import Data, Split
 
 
 def ingest_folder(root, **kw):
-    return sources.ingest(Data(source="folder", path=str(root), **kw), workers=1)
+    return manifest.ingest(Data(source="folder", path=str(root), **kw), workers=1)
 
 
 def test_folder_source_nested_and_labelled(tmp_path):
@@ -25,7 +25,8 @@ def test_folder_source_nested_and_labelled(tmp_path):
                                        "decodable", "error"]
     assert table["path"].is_monotonic_increasing and table["decodable"].all()
     row = table.iloc[0]
-    assert row["sha256"] == hashlib.sha256(open(row["path"], "rb").read()).hexdigest()
+    assert row["path"] == "cats/cats_000.png"  # relative to the data root: the same on every machine
+    assert row["sha256"] == hashlib.sha256(open(root / row["path"], "rb").read()).hexdigest()
 
 
 def test_folder_with_existing_split_honour_or_pool(tmp_path):
@@ -44,7 +45,7 @@ def test_kaggle_source(tmp_path):
     for i in range(3):
         make_image(tmp_path / "k" / f"cat.{i}.jpg", 0, rng)
         make_image(tmp_path / "k" / f"dog.{i}.jpg", 1, rng)
-    table, classes = sources.ingest(Data(source="kaggle", path=str(tmp_path / "k")), workers=1)
+    table, classes = manifest.ingest(Data(source="kaggle", path=str(tmp_path / "k")), workers=1)
     assert classes == ["cat", "dog"] and (table["class_name"] == "dog").sum() == 3
 
 
@@ -53,7 +54,7 @@ def test_csv_source_with_groups(tmp_path):
     rows = [{"path": str(p.relative_to(tmp_path)), "label": p.parent.name, "group": f"g{i // 2}", "site": "x"}
             for i, p in enumerate(sorted(root.rglob("*.png")))]
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
-    table, classes = sources.ingest(Data(source="csv", path=str(tmp_path / "m.csv")), workers=1)
+    table, classes = manifest.ingest(Data(source="csv", path=str(tmp_path / "m.csv")), workers=1)
     assert {"group", "site"} <= set(table.columns) and classes == ["cats", "dogs"]
     out = split.assign(table, classes, Split(ratios=(0.5, 0.25, 0.25), folds=2), seed=3)
     for _, g in out.groupby("group"):
@@ -61,7 +62,7 @@ def test_csv_source_with_groups(tmp_path):
 
 
 def test_elpv_source_reads_the_installed_package():
-    table = sources.elpv_rows(Data(source="elpv"))
+    table = manifest.elpv_rows(Data(source="elpv"))
     assert len(table) == 2624
     assert (table["class_name"] == "defective").sum() == 821  # probability >= 0.5
     assert set(table["type"]) == {"mono", "poly"}
@@ -114,7 +115,7 @@ def test_single_class_is_an_error(tmp_path):
 def test_bad_folders(tmp_path, setup, words):
     root = tmp_path / "img"
     setup(root)
-    with pytest.raises(sources.SourceError, match=words) as e:
+    with pytest.raises(manifest.SourceError, match=words) as e:
         ingest_folder(root)
     assert "img" in str(e.value)
 
@@ -129,6 +130,7 @@ def test_bad_files_are_recorded_not_fatal(tmp_path):
     bad = table.set_index(table["path"].str.rsplit("/", n=1).str[-1])
     for name in ("zero.jpg", "text.jpg", "truncated.jpg"):
         assert not bad.loc[name, "decodable"] and bad.loc[name, "error"], name
+        assert str(tmp_path) not in bad.loc[name, "error"]  # the reason names the file as the table does
     assert bad["decodable"].sum() == 6
 
 
@@ -159,3 +161,19 @@ def test_a_symlink_leading_outside_the_data_root_is_not_followed(tmp_path):
     assert rows.loc["alias.png", "decodable"] and rows.loc["alias.png", "sha256"] == rows.loc["dogs_000.png", "sha256"]
     listed = {r["path"]: r["state"] for r in inventory.listing(root)}
     assert listed["cats/leak.png"] == inventory.OUTSIDE_ROOT and listed["dogs/alias.png"] != inventory.OUTSIDE_ROOT
+
+
+def test_the_same_images_elsewhere_give_the_same_table(tmp_path):
+    """Data identity by content: a copy of the data folder at another path (another machine, another mount) gives a
+    byte-identical split table."""
+    import shutil
+
+    first = make_folder(tmp_path / "here" / "img", per_class=6)
+    second = tmp_path / "elsewhere" / "deeper" / "images"
+    shutil.copytree(first, second)
+    tables = []
+    for root in (first, second):
+        table, classes = ingest_folder(root)
+        out = split.assign(table, classes, Split(ratios=(0.5, 0.25, 0.25), folds=2), seed=3)
+        tables.append(out.to_csv(index=False))
+    assert tables[0] == tables[1] and str(tmp_path) not in tables[0]

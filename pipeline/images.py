@@ -1,0 +1,30 @@
+"""Decoding an image file: any PIL mode to 8-bit RGB at a square size. The cache stage, `predict` and the served model
+decode with this one function, so an image gives the same array wherever it is read."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and float."""
+    if im.mode in HIGH_BIT_MODES:
+        a = np.asarray(im, dtype=np.float32)
+        scale = 257.0 if a.max(initial=0) > 255 else 1.0  # 16-bit range down to 8-bit
+        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str, size: int) -> np.ndarray:
+    """Decode one image file to a (size, size, 3) uint8 array; EXIF orientation applied, squashed to a square."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # let the JPEG decoder downscale by 2/4/8 when the image is much larger
+        im = ImageOps.exif_transpose(im)
+        im = to_rgb(im)
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)

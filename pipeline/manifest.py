@@ -1,0 +1,149 @@
+"""The manifest: each data source (`params.data`) turned into the same table, one row per image.
+
+Manifest columns: path (relative to the data root, `root_of`, as POSIX: the same on every machine), class_name, label, sha256, width, height, mode, decodable, error, then the source's own
+columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`: orig_split).
+Every file is hashed and fully decoded once here, in parallel, so validate can judge it without decoding again.
+A symlink that leads outside the data root is not followed: its row says so in `error` (`inventory.OUTSIDE_ROOT`).
+
+Readers name each file relative to the source's root (the ELPV package's data folder, the image folder, the
+manifest's folder); `root_of` is that root on this machine. The split stage ingests; the cache stage finds the
+files again under `root_of`.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import inventory, io
+from pipeline.inventory import IMAGE_EXTENSIONS
+from pipeline.params import Data
+
+SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+ELPV_CLASSES = ["functional", "defective"]
+
+
+class SourceError(ValueError):
+    """The data source cannot be read; the message names the path and the fix."""
+
+
+def _is_image(p: Path) -> bool:
+    return (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _existing_dir(path: str | None, what: str) -> Path:
+    root = Path(path or "").expanduser()
+    if not path or not root.is_dir():
+        raise SourceError(f"data folder '{path}' not found: set data.path in params.yaml to the folder of {what}")
+    return root.resolve()
+
+
+def elpv_rows(p: Data) -> pd.DataFrame:
+    try:
+        root = inventory.elpv_root()
+    except FileNotFoundError as e:
+        raise SourceError(str(e)) from None
+    table = pd.read_csv(root / "labels.csv", sep=r"\s+", header=None, names=["file", "probability", "type"])
+    defective = table["probability"] >= p.elpv_threshold
+    return pd.DataFrame({
+        "path": [Path(f).as_posix() for f in table["file"]],
+        "class_name": [ELPV_CLASSES[int(d)] for d in defective],
+        "probability": table["probability"].round(4),
+        "type": table["type"],
+    })
+
+
+def folder_rows(p: Data) -> pd.DataFrame:
+    root = _existing_dir(p.path, "one sub-folder per class")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    presplit = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
+    rows = []
+    for split_dir in presplit or [root]:
+        class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        for class_dir in class_dirs:
+            files = sorted(f for f in class_dir.rglob("*") if _is_image(f))
+            if not files:
+                raise SourceError(f"class folder '{class_dir}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                                  "add images or remove the folder")
+            row = {"class_name": class_dir.name}
+            if presplit and p.existing_split == "honour":
+                row["orig_split"] = SPLIT_FOLDERS[split_dir.name.lower()]
+            rows += [{"path": f.relative_to(root).as_posix(), **row} for f in files]
+    if not rows:
+        raise SourceError(f"no class sub-folders with images in '{root}': expected e.g. {root}/cats/*.jpg, {root}/dogs/*.jpg")
+    return pd.DataFrame(rows)
+
+
+def kaggle_rows(p: Data) -> pd.DataFrame:
+    root = _existing_dir(p.path, "images named like cat.123.jpg / dog.45.jpg")
+    files = sorted(f for f in root.iterdir() if _is_image(f))
+    bad = [f.name for f in files if "." not in f.stem]
+    if not files or bad:
+        raise SourceError(f"'{root}' should hold files named <label>.<id>.jpg (as in the Dogs vs. Cats download); "
+                          f"{'no images found' if not files else 'unlabelled: ' + ', '.join(bad[:5])}")
+    return pd.DataFrame({"path": [f.name for f in files], "class_name": [f.name.split(".")[0].lower() for f in files]})
+
+
+def csv_rows(p: Data) -> pd.DataFrame:
+    manifest = Path(p.path).expanduser()
+    if not manifest.is_file():
+        raise SourceError(f"manifest '{manifest}' not found: set data.path to a CSV with columns path,label[,group,...]")
+    table = pd.read_csv(manifest, dtype={"label": str})
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise SourceError(f"{manifest} lacks column(s) {sorted(missing)}: it needs path,label (plus optional group and extras)")
+    base = manifest.resolve().parent
+    table["path"] = [Path(os.path.normpath(os.path.relpath(base / f, base))).as_posix() for f in table["path"]]
+    return table.rename(columns={"label": "class_name"})
+
+
+READERS = {"elpv": elpv_rows, "folder": folder_rows, "kaggle": kaggle_rows, "csv": csv_rows}
+
+
+def inspect(rel: str, root: Path) -> dict:
+    """Hash the bytes of `root / rel` and decode the image fully; never raises (a bad file is reported, not fatal).
+    A path whose symlinks lead outside `root` is not opened at all. Messages name the file by `rel`, never by where
+    this machine keeps it."""
+    info = {"sha256": "", "width": 0, "height": 0, "mode": "", "decodable": False, "error": ""}
+    path = root / rel
+    if not inventory.inside(path, root):
+        info["error"] = f"{inventory.OUTSIDE_ROOT}: {rel} leads out of the data root, and is not followed"
+        return info
+    try:
+        info["sha256"] = io.sha256_file(path)
+        with Image.open(path) as im:
+            info.update(width=im.width, height=im.height, mode=im.mode)
+            im.load()
+        info["decodable"] = True
+    except Exception as e:  # noqa: BLE001 - any decoder failure is data, recorded for validate
+        info["error"] = f"{type(e).__name__}: {e}".replace(str(root) + os.sep, "").replace("\n", " ")[:300]
+    return info
+
+
+def root_of(p: Data) -> Path:
+    """The folder the source's images must stay inside (symlinks leading elsewhere are not followed), and the one
+    the manifest's paths are relative to."""
+    return inventory.data_root(inventory.source_path(p.model_dump()))
+
+
+def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """Return the manifest (sorted by path) and the class names in label order."""
+    table = READERS[p.source](p)
+    if p.limit_per_class:
+        table = table.groupby("class_name", sort=True, group_keys=False).head(p.limit_per_class)
+    classes = ELPV_CLASSES if p.source == "elpv" else sorted(table["class_name"].unique())
+    table = table.sort_values("path", kind="stable").reset_index(drop=True)
+    workers = workers or os.cpu_count() or 1
+    root = root_of(p)
+    with ProcessPoolExecutor(workers) as pool:
+        infos = list(tqdm(pool.map(inspect, table["path"], [root] * len(table), chunksize=16), total=len(table),
+                          desc="ingest: hash + decode", unit="img"))
+    info = pd.DataFrame(infos)
+    table.insert(1, "label", table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(int))
+    front = ["path", "class_name", "label"]
+    table = pd.concat([table[front], info, table.drop(columns=front)], axis=1)
+    return table, classes

@@ -31,7 +31,9 @@ report: setup  ## the run's report page (written by the evaluate stage): prints 
 
 MODEL ?= models:/image-classifier/latest
 PORT  ?= 5001
-serve: setup  ## the registered model over HTTP on 127.0.0.1:$(PORT) (MODEL=models:/<name>/<version>)
+SERVE_ROOT ?=
+serve: setup  ## the registered model over HTTP on 127.0.0.1:$(PORT) (MODEL=models:/<name>/<version>; SERVE_ROOT=folder: `path`s allowed inside it)
+	PIPELINE_SERVE_ROOT=$(if $(SERVE_ROOT),$(abspath $(SERVE_ROOT))) \
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve -m $(MODEL) \
 	  --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
 

@@ -212,7 +212,7 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list,
 
 def register_task(root: Path = PROJECT):
     """The `register` task: the selected model into the registry if it passes the gate and beats the registered
-    version on the current test split (`python -m pipeline.tracking register --if-better`; succeeds either way),
+    version on the current test split (`python -m pipeline.registry register --if-better`; succeeds either way),
     run where the evaluate stage's outputs are (`pipeline.workspace exec`)."""
     from airflow.sdk import task
 
@@ -220,7 +220,7 @@ def register_task(root: Path = PROJECT):
                                                                      if k != "PIPELINE_REGISTER"}})
     def register() -> str:
         return in_project("python -m pipeline.workspace exec evaluate -- "
-                          "python -m pipeline.tracking register --if-better", [], root)
+                          "python -m pipeline.registry register --if-better", [], root)
 
     return register()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import figures, io, members, models, params, paths, predictions, report, tracking
+from pipeline import figures, io, members, models, params, paths, predictions, registry, report, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
 SELECTED_BY = models.CHOICE_RULE
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if kfold["folds"]:
         print(f"evaluate kfold: accuracy {kfold['accuracy_mean']:.4f} ± {kfold['accuracy_std']:.4f} over {kfold['folds']} folds")
     if tracking.registering():
-        print(tracking.register(if_better=True))
+        print(registry.register(if_better=True))
     return 0
 
 

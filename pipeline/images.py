@@ -19,9 +19,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str, size: int) -> np.ndarray:
-    """Decode one image file to a (size, size, 3) uint8 array; EXIF orientation applied, squashed to a square."""
+def load_rgb(path, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one image file (a path or a binary file object) to a (size, size, 3) uint8 array; EXIF orientation
+    applied, squashed to a square. With `max_pixels`, a larger image is refused before it is decoded."""
     with Image.open(path) as im:
+        if max_pixels and im.width * im.height > max_pixels:
+            raise ValueError(f"{im.width}x{im.height} pixels, more than the limit of {max_pixels:,}")
         im.draft("RGB", (size, size))  # let the JPEG decoder downscale by 2/4/8 when the image is much larger
         im = ImageOps.exif_transpose(im)
         im = to_rgb(im)

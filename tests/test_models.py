@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_stages
+from conftest import ROOT, run_stages
 from pipeline import io, models, params, paths, predict
 
 NAMES = ("head", "finetune", "bagging")
@@ -91,10 +92,55 @@ def _listening_on_all_interfaces(port: int) -> bool:
     return any(r[1] == f"00000000:{port:04X}" and r[3] == "0A" for r in rows)
 
 
+def _post(port: int, payload, raw: bytes | None = None) -> tuple[int, dict]:
+    body = raw if raw is not None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"message": text}
+
+
+def _hostile_requests_get_400s(port: int, good: str, tmp_path: Path) -> None:
+    """Each hostile body: a 400 with a message, no stack trace, no server path; the server keeps answering."""
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 100 KB on disk, 200 MP decoded
+    hostile = {
+        "garbage base64": {"dataframe_split": {"columns": ["image"], "data": [["!!not base64!!"]]}},
+        "text as an image": {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"hello").decode()]]}},
+        "empty bytes": {"dataframe_split": {"columns": ["image"], "data": [[""]]}},
+        "decompression bomb": {"dataframe_split": {"columns": ["image"],
+                                                   "data": [[base64.b64encode(bomb.read_bytes()).decode()]]}},
+        "wrong column": {"dataframe_split": {"columns": ["picture"], "data": [[good]]}},
+        "wrong tensor shape": {"inputs": [[1.0, 2.0, 3.0]]},
+        "a server path": {"dataframe_split": {"columns": ["path"], "data": [["../../../../usr/share/pixmaps/x.png"]]}},
+        "an absolute path": {"dataframe_split": {"columns": ["path"], "data": [["/etc/passwd"]]}},
+        "the second row bad": {"dataframe_split": {"columns": ["image"], "data": [[good], ["@@"]]}},
+    }
+    for what, payload in hostile.items():
+        status, body = _post(port, payload)
+        assert status == 400 and body.get("message"), (what, status, body)
+        text = json.dumps(body)
+        assert "stack_trace" not in body and "Traceback" not in text and str(ROOT) not in text, (what, body)
+        assert str(Path(sys.prefix)) not in text and str(tmp_path) not in text, (what, body)
+    assert "row 1" in _post(port, hostile["the second row bad"])[1]["message"]  # the row that is wrong
+    assert "reads no files" in _post(port, hostile["an absolute path"])[1]["message"]
+    status, body = _post(port, None, raw=b"{not json")
+    assert status == 400 and "stack_trace" not in body
+
+
 def test_predict_cli_registry_pyfunc_and_rest_server_agree(all_models, tmp_path):
     import mlflow
 
-    from pipeline import serving, tracking
+    from pipeline import registry, serving
 
     images = Path(params.load().data.path)
     files = sorted((images / "cats").glob("*.png"))[:3] + sorted((images / "dogs").glob("*.png"))[:3]
@@ -106,7 +152,7 @@ def test_predict_cli_registry_pyfunc_and_rest_server_agree(all_models, tmp_path)
         cli = predict.predict(models.path(name), [str(f) for f in files])
         with mlflow.start_run(run_name=f"round trip {name}"):
             serving.log_model(mlflow, models.path(name), registered_model_name=f"round-trip-{name}")
-        version = tracking.latest_version(mlflow.MlflowClient(), f"round-trip-{name}").version
+        version = registry.latest_version(mlflow.MlflowClient(), f"round-trip-{name}").version
         loaded = mlflow.pyfunc.load_model(f"models:/round-trip-{name}/{version}")
         by_path = loaded.predict(pd.DataFrame({"path": [str(f) for f in files]}))
         encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
@@ -120,14 +166,23 @@ def test_predict_cli_registry_pyfunc_and_rest_server_agree(all_models, tmp_path)
         strict = loaded.predict(pd.DataFrame({"path": [str(f) for f in files]}), params={"threshold": 1.01})
         assert set(strict["label"]) == {"cats"}  # the threshold param overrides the recorded one
 
-        server, port = _serve(f"models:/round-trip-{name}/{version}", env, all_models)
+        # the first server reads no files; the second may read the image folder (`make serve SERVE_ROOT=...`)
+        root = {} if name == NAMES[0] else {"PIPELINE_SERVE_ROOT": str(images)}
+        server, port = _serve(f"models:/round-trip-{name}/{version}", {**env, **root}, all_models)
         try:
             assert not _listening_on_all_interfaces(port)
-            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=120) as r:
-                answer = json.loads(r.read())
+            answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})[1]
+            if name == NAMES[0]:
+                _hostile_requests_get_400s(port, encoded[0], tmp_path)
+                assert _post(port, {"dataframe_split": {"columns": ["image"], "data": [[encoded[0]]]}})[0] == 200
+            elif name == NAMES[1]:
+                inside = [str(f.relative_to(images)) for f in files]
+                status, by_rest_path = _post(port, {"dataframe_split": {"columns": ["path"], "data": [[p] for p in inside]}})
+                assert status == 200 and [r["label"] for r in by_rest_path["predictions"]] == cli["label"].tolist()
+                for outside in ("../../../../etc/passwd", "/etc/passwd", "/etc/nonexistent.png",
+                                str(images.parent / "elsewhere.png")):
+                    status, body = _post(port, {"dataframe_split": {"columns": ["path"], "data": [[outside]]}})
+                    assert status == 400 and "outside the folder" in body["message"], (outside, body)
         finally:
             server.terminate()
             server.wait(timeout=30)

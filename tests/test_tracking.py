@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_folder, run_stages, set_params
-from pipeline import diagnose, io, models, params, paths, tracking
+from pipeline import diagnose, io, models, params, paths, registry, tracking
 
 
 def runs(**tags):
@@ -88,10 +88,10 @@ def test_run_id_defaults_to_the_params(trained_copy, monkeypatch):
 
 def test_gate_refuses_missing_and_nan_metrics():
     gate = params.Gate(min_accuracy=0.5, min_roc_auc=0.5)
-    assert tracking.gate_failures({"accuracy": 0.9, "roc_auc": 0.9}, gate) == []
-    assert tracking.gate_failures({"accuracy": 0.9, "roc_auc": float("nan")}, gate) == ["roc_auc is nan"]
-    assert tracking.gate_failures({"accuracy": 0.9}, gate) == ["roc_auc is missing"]
-    assert tracking.gate_failures({"accuracy": 0.4, "roc_auc": 0.9}, gate) == ["accuracy 0.4000 < 0.5"]
+    assert registry.gate_failures({"accuracy": 0.9, "roc_auc": 0.9}, gate) == []
+    assert registry.gate_failures({"accuracy": 0.9, "roc_auc": float("nan")}, gate) == ["roc_auc is nan"]
+    assert registry.gate_failures({"accuracy": 0.9}, gate) == ["roc_auc is missing"]
+    assert registry.gate_failures({"accuracy": 0.4, "roc_auc": 0.9}, gate) == ["accuracy 0.4000 < 0.5"]
 
 
 def invert(name: str = "head") -> None:
@@ -125,17 +125,17 @@ def test_registry_gate_and_retrain_comparison_on_new_data(trained_copy, tmp_path
     run_stages("split", "validate", "cache")
     shutil.rmtree(paths.MODELS)
     shutil.copytree(good, paths.MODELS)  # the good model
-    message = tracking.register(if_better=True)
+    message = registry.register(if_better=True)
     assert message.startswith("registered head") and sorted(str(v.version) for v in registered()) == ["1", "2"], message
     invert()  # a worse model than version 2 on the same current test split
-    message = tracking.register(if_better=True)
+    message = registry.register(if_better=True)
     assert message.startswith("not registered: version 2 scores"), message
     assert len(registered()) == 2
 
     report = json.loads((paths.METRICS / "evaluate.json").read_text())
     report["models"]["head"]["val"]["roc_auc"] = float("nan")
     io.write_json(paths.METRICS / "evaluate.json", report)
-    message = tracking.register()
+    message = registry.register()
     assert message.startswith("not registered: head fails evaluate.gate") and "roc_auc is nan" in message
     assert len(registered()) == 2
 

@@ -246,10 +246,11 @@ def data_source(params: dict, root: Path = PROJECT) -> Path:
     return inventory.source_path(params.get("data") or {}, root)
 
 
-def content_hash(source: Path) -> str:
+def content_hash(source: Path, data_root: str | None = None, root: Path = PROJECT) -> str:
     """SHA-256 over (relative path, content hash) of every non-hidden file: renames, edits, additions and
-    removals all change it; timestamps do not. A CSV manifest hashes itself plus the files it lists."""
-    return inventory.fingerprint(source, content=True)
+    removals all change it; timestamps do not. A CSV manifest hashes itself plus the files it lists (relative to
+    params' `data.root` when set)."""
+    return inventory.fingerprint(source, content=True, root=inventory.data_root(source, data_root, root))
 
 
 def recorded_hash(root: Path = PROJECT) -> str | None:

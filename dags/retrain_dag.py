@@ -48,7 +48,8 @@ with DAG(
     @task.short_circuit(task_id="new_data", retries=0)
     def new_data():
         """The data source's content hash if it changed since the last successful run (or `force`), else False."""
-        current = content_hash(data_source(load_params()))
+        prm = load_params()
+        current = content_hash(data_source(prm), (prm.get("data") or {}).get("root"))
         last = recorded_hash()
         force = bool(get_current_context()["params"].get("force"))
         print(f"data hash {current}; recorded in {SOURCE_HASH_FILE}: {last or 'none'}; force: {force}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline import io
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-OUTSIDE_ROOT = "symlink outside the data root"
+OUTSIDE_ROOT = "outside the data root"  # a file named outside data.root, or a symlink that leads out of it
 
 
 def elpv_root() -> Path:
@@ -39,9 +39,20 @@ def source_path(data: dict, project: Path = Path(".")) -> Path:
     return path if path.is_absolute() else project / path
 
 
-def data_root(source: Path) -> Path:
-    """The folder a source's files must stay inside: the folder itself, or a manifest's folder."""
+def data_root(source: Path, root: str | Path | None = None, project: Path = Path(".")) -> Path:
+    """The folder a source's files must stay inside, and that tables name them relative to: `root` (params'
+    `data.root`, relative to the project) when set, else the folder itself, or a manifest's folder."""
+    if root:
+        root = Path(root).expanduser()
+        return (root if root.is_absolute() else project / root).resolve()
     return (source.parent if source.is_file() else source).resolve()
+
+
+def relative(path: str | Path, root: Path) -> str:
+    """`path` named relative to the (resolved) `root`, as POSIX: its folder resolved, its own name kept (a
+    symlinked file is named by its link); `../` when it lies outside."""
+    path = Path(os.path.abspath(path))
+    return Path(os.path.relpath(Path(os.path.realpath(path.parent)) / path.name, root)).as_posix()
 
 
 def inside(path: str | Path, root: Path) -> bool:
@@ -65,15 +76,15 @@ def files(source: Path) -> list[Path]:
     return out
 
 
-def listing(source: Path, content: bool = False, memo: Path | None = None) -> list[dict]:
+def listing(source: Path, content: bool = False, memo: Path | None = None, root: Path | None = None) -> list[dict]:
     """One row per file: its path relative to the data root, its state (size and mtime, or with `content` its
     sha256) or `outside_root` / `missing`. With `memo` (a JSON file of this machine's, outside every output) a file
     whose size and mtime are unchanged is not read again for its hash."""
-    root, rows = data_root(source), []
+    root, rows = root or data_root(source), []
     known = _read_memo(memo) if content and memo else {}
     seen = {}
     for f in files(source):
-        rel = Path(os.path.relpath(f, root if source.is_dir() else source.resolve().parent)).as_posix()
+        rel = relative(f, root)
         if not inside(f, root):
             rows.append({"path": rel, "state": OUTSIDE_ROOT})
         elif not f.exists():
@@ -101,9 +112,9 @@ def _read_memo(memo: Path) -> dict:
         return {}
 
 
-def fingerprint(source: Path, content: bool = False) -> str:
+def fingerprint(source: Path, content: bool = False, root: Path | None = None) -> str:
     """One hash over `listing`: any added, removed, renamed or changed file changes it."""
     h = hashlib.sha256()
-    for row in listing(source, content):
+    for row in listing(source, content, root=root):
         h.update(f"{row['path']}\0{row['state']}\n".encode())
     return h.hexdigest()

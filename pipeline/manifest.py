@@ -3,7 +3,9 @@
 Manifest columns: path (relative to the data root, `root_of`, as POSIX: the same on every machine), class_name, label, sha256, width, height, mode, decodable, error, then the source's own
 columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`: orig_split).
 Every file is hashed and fully decoded once here, in parallel, so validate can judge it without decoding again.
-A symlink that leads outside the data root is not followed: its row says so in `error` (`inventory.OUTSIDE_ROOT`).
+A file outside the data root (`data.root`, else the folder or the manifest's folder), or a symlink that leads out of
+it, is not read: its row says so in `error` (`inventory.OUTSIDE_ROOT`). When no file of the source, or none of a
+class, can be read, ingesting stops with one message that says why and which key to change.
 
 Readers name each file relative to the source's root (the ELPV package's data folder, the image folder, the
 manifest's folder); `root_of` is that root on this machine. The split stage ingests; the cache stage finds the
@@ -96,8 +98,8 @@ def csv_rows(p: Data) -> pd.DataFrame:
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise SourceError(f"{manifest} lacks column(s) {sorted(missing)}: it needs path,label (plus optional group and extras)")
-    base = manifest.resolve().parent
-    table["path"] = [Path(os.path.normpath(os.path.relpath(base / f, base))).as_posix() for f in table["path"]]
+    base, root = manifest.resolve().parent, root_of(p)
+    table["path"] = [inventory.relative(base / str(f), root) for f in table["path"]]  # absolute, or relative to the CSV
     return table.rename(columns={"label": "class_name"})
 
 
@@ -110,8 +112,12 @@ def inspect(rel: str, root: Path) -> dict:
     this machine keeps it."""
     info = {"sha256": "", "width": 0, "height": 0, "mode": "", "decodable": False, "error": ""}
     path = root / rel
+    if rel.startswith("../"):
+        info["error"] = (f"{inventory.OUTSIDE_ROOT}: {rel} is not inside the data root; set data.root in params.yaml "
+                         "to a folder that holds every file")
+        return info
     if not inventory.inside(path, root):
-        info["error"] = f"{inventory.OUTSIDE_ROOT}: {rel} leads out of the data root, and is not followed"
+        info["error"] = f"{inventory.OUTSIDE_ROOT}: {rel} is a symlink that leads out of the data root, not followed"
         return info
     try:
         info["sha256"] = io.sha256_file(path)
@@ -126,8 +132,8 @@ def inspect(rel: str, root: Path) -> dict:
 
 def root_of(p: Data) -> Path:
     """The folder the source's images must stay inside (symlinks leading elsewhere are not followed), and the one
-    the manifest's paths are relative to."""
-    return inventory.data_root(inventory.source_path(p.model_dump()))
+    the manifest's paths are relative to: `data.root`, else the source's folder (or the CSV manifest's)."""
+    return inventory.data_root(inventory.source_path(p.model_dump()), p.root)
 
 
 def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
@@ -146,4 +152,24 @@ def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
     table.insert(1, "label", table["class_name"].map({c: i for i, c in enumerate(classes)}).astype(int))
     front = ["path", "class_name", "label"]
     table = pd.concat([table[front], info, table.drop(columns=front)], axis=1)
+    usable(table, classes, root)
     return table, classes
+
+
+def usable(table: pd.DataFrame, classes: list[str], root: Path) -> None:
+    """Stop with one message when no file of the source, or none of a class, can be read: the count, the first
+    files, the reason and the key to change (validate judges everything short of that)."""
+    bad = table[~table["decodable"]]
+    if len(table) and len(bad) == len(table):
+        what = f"none of the {len(table)} files of the data source could be read"
+    else:
+        lost = [c for c in classes if not table.loc[table["class_name"] == c, "decodable"].any()]
+        if not lost:
+            return
+        bad = bad[bad["class_name"].isin(lost)]
+        what = f"class {', '.join(repr(c) for c in lost)} lost all its {len(bad)} files"
+    first = "; ".join(f"{r.path}: {r.error}" for r in bad.head(3).itertuples())
+    outside = bad["error"].str.startswith(inventory.OUTSIDE_ROOT).mean() > 0.5
+    fix = (f"set data.root in params.yaml to a folder that holds them (now {root})" if outside else
+           "check data.path (and data.source) in params.yaml, or replace the files")
+    raise SourceError(f"{what}: {first}{' ...' if len(bad) > 3 else ''}. Fix: {fix}")

@@ -29,6 +29,7 @@ class Section(BaseModel):
 class Data(Section):
     source: Literal["elpv", "folder", "kaggle", "csv"] = "elpv"
     path: Optional[str] = None
+    root: Optional[str] = None  # the folder every file must be inside (tables name files relative to it)
     elpv_threshold: float = Field(0.5, gt=0, le=1)
     existing_split: Literal["honour", "pool"] = "pool"
     limit_per_class: Optional[int] = Field(None, gt=0)

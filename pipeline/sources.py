@@ -17,13 +17,14 @@ from pipeline.manifest import SourceError
 def main(argv=None) -> int:
     data = params.load().data
     try:
-        rows = inventory.listing(inventory.source_path(data.model_dump()), content=True, memo=paths.HASH_MEMO)
+        source = inventory.source_path(data.model_dump())
+        rows = inventory.listing(source, content=True, memo=paths.HASH_MEMO, root=inventory.data_root(source, data.root))
     except FileNotFoundError as e:
         raise SourceError(str(e)) from None
     io.write_csv(paths.SOURCE_INDEX, pd.DataFrame(rows, columns=["path", "state"]))
     outside = sum(r["state"] == inventory.OUTSIDE_ROOT for r in rows)
     print(f"sources: {len(rows)} files listed in {paths.SOURCE_INDEX}"
-          + (f" ({outside} symlinks outside the data root, not followed)" if outside else ""))
+          + (f" ({outside} outside the data root, not read: see data.root)" if outside else ""))
     return 0
 
 

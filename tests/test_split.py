@@ -177,3 +177,36 @@ def test_the_same_images_elsewhere_give_the_same_table(tmp_path):
         out = split.assign(table, classes, Split(ratios=(0.5, 0.25, 0.25), folds=2), seed=3)
         tables.append(out.to_csv(index=False))
     assert tables[0] == tables[1] and str(tmp_path) not in tables[0]
+
+
+def test_a_manifest_of_absolute_paths_outside_its_folder(tmp_path):
+    """Rows such as /data/images/cell0001.png in /data/manifests/labels.csv: refused, with one message naming the
+    key, until data.root holds them; then ingested, named relative to data.root."""
+    images = make_folder(tmp_path / "data" / "images", per_class=3)
+    (tmp_path / "data" / "manifests").mkdir()
+    csv = tmp_path / "data" / "manifests" / "labels.csv"
+    pd.DataFrame([{"path": str(p), "label": p.parent.name} for p in sorted(images.rglob("*.png"))]).to_csv(csv, index=False)
+    with pytest.raises(manifest.SourceError, match=r"none of the 6 files .*data\.root") as e:
+        manifest.ingest(Data(source="csv", path=str(csv)), workers=1)
+    assert "symlink" not in str(e.value) and "cats/cats_000.png" in str(e.value)
+    table, classes = manifest.ingest(Data(source="csv", path=str(csv), root=str(tmp_path / "data")), workers=1)
+    assert classes == ["cats", "dogs"] and table["decodable"].all()
+    assert table["path"].iloc[0] == "images/cats/cats_000.png"
+    # relative to the manifest's folder works too, and names the same files the same way
+    pd.DataFrame([{"path": f"../images/{p.parent.name}/{p.name}", "label": p.parent.name}
+                  for p in sorted(images.rglob("*.png"))]).to_csv(csv, index=False)
+    again, _ = manifest.ingest(Data(source="csv", path=str(csv), root=str(tmp_path / "data")), workers=1)
+    assert again["path"].tolist() == table["path"].tolist()
+
+
+def test_a_source_or_class_that_cannot_be_read_is_one_clear_error(tmp_path):
+    root = tmp_path / "img"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            (root / cls / f"{cls}_{i}.png").write_text("not an image")
+    with pytest.raises(manifest.SourceError, match=r"none of the 8 files .*cats/cats_0\.png.*data\.path"):
+        ingest_folder(root)
+    make_folder(root, per_class=2, classes=("dogs",))  # the dogs can be read now, the cats still cannot
+    with pytest.raises(manifest.SourceError, match=r"class 'cats' lost all its 4 files"):
+        ingest_folder(root)

@@ -74,7 +74,7 @@ class Split(Section):
 class Validate(Section):
     on_undecodable: Literal["skip", "fail"] = "skip"
     min_side: int = Field(32, ge=1)
-    class_share: tuple[float, float] = (0.05, 0.95)
+    share_gap: float = Field(0.05, ge=0, le=1)  # a class's share of a split vs of all splits, beyond two images' worth
     duplicates: Literal["report", "fail"] = "report"
 
 

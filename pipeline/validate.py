@@ -4,8 +4,11 @@ Two expectation suites run on the split table. `rows` checks every row: known cl
 no nulls, known splits, unique paths, decodable images with both sides >= `validate.min_side`. Files failing the
 last two are skipped (listed in the report; the cache stage leaves them out) or fail the stage
 (`validate.on_undecodable`). `dataset` checks the kept rows as a whole: an exact duplicate (same sha256) never
-straddles two splits or two classes, every class is in every used split with a share within
-`validate.class_share`, and duplicate images are reported or fail (`validate.duplicates`). Tolerated failures
+straddles two splits or two classes, every class is in every used split, each class's share of a split stays
+within `validate.share_gap` (plus two images' worth) of its share of all splits together, and duplicate images are
+reported or fail (`validate.duplicates`). A rare class is data, not an error: the natural shares are reported
+(`class_shares`), and class weights and thresholds deal with them; shares that differ between splits beyond what a
+stratified split allows mean the split is broken. Tolerated failures
 run at GX severity "warning"; a "critical" failure fails the stage, which still writes its report first.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ SPLIT_VALUES = (*paths.SPLITS, "unused")
 NOT_NULL = ("path", "class_name", "label", "split", "decodable")
 REQUIRED = (*NOT_NULL, "sha256", "width", "height")
 INDEX_COLUMNS = ["path", "split", "class_name"]  # GX names each unexpected row by these
+SHARE_COLUMNS = ["class_share", "overall_share"]  # ... and a class share row by these too
 SHOW, LIST = 5, 50  # files quoted per expectation in its details, files listed on the console
 
 
@@ -49,12 +53,11 @@ def _suites(p: params.Validate, classes: list[str], used: list[str]):
         here = Column("split") == split
         dataset += [gxe.ExpectColumnDistinctValuesToContainSet(column="class_name", value_set=classes,
                                                                row_condition=here),
-                    gxe.ExpectColumnValuesToBeBetween(column="class_share", min_value=p.class_share[0],
-                                                      max_value=p.class_share[1], row_condition=here)]
+                    gxe.ExpectColumnValuesToBeBetween(column="share_excess", max_value=0.0, row_condition=here)]
     return rows, dataset
 
 
-def _run(frame: pd.DataFrame, name: str, expectations: list) -> list[dict]:
+def _run(frame: pd.DataFrame, name: str, expectations: list, index: list[str] = INDEX_COLUMNS) -> list[dict]:
     """Validate `frame` against the expectations; one report entry each, in the order given."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -67,7 +70,7 @@ def _run(frame: pd.DataFrame, name: str, expectations: list) -> list[dict]:
     for i, e in enumerate(expectations):
         e.meta = {"order": i, "where": repr(e.row_condition) if e.row_condition else ""}
     result = batch.validate(gx.ExpectationSuite(name=name, expectations=expectations),
-                            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS})
+                            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index})
     return [_entry(r) for r in sorted(result.results, key=lambda r: r.expectation_config.meta["order"])]
 
 
@@ -82,18 +85,19 @@ def _entry(r) -> dict:
     bad = res.get("unexpected_index_list") or []
     if r.exception_info.get("raised_exception"):
         details = f"error: {r.exception_info.get('exception_message')}"
-    elif column == "class_share":
-        details = ", ".join(sorted({f"{d['class_name']} {d['class_share']:.3f}" for d in bad}))
+    elif column == "share_excess":
+        details = ", ".join(sorted({f"{d['class_name']} {d['class_share']:.3f} here, {d['overall_share']:.3f} overall"
+                                    for d in bad}))
     elif bad:
         details = f"{len(bad)} of {res['element_count']} rows: " + "; ".join(
             f"{d['path']} ({d['split']}/{d['class_name']}" + "".join(f", {k}={_short(v)}" for k, v in d.items()
-                                                                     if k not in INDEX_COLUMNS) + ")"
+                                                                     if k not in INDEX_COLUMNS + SHARE_COLUMNS) + ")"
             for d in bad[:SHOW]) + ("; …" if len(bad) > SHOW else "")
     else:
         details = f"missing {res['partial_missing_list']}" if res.get("partial_missing_list") else ""
     return {"expectation": config.type, "column": column, "where": config.meta["where"], "success": bool(r.success),
             "severity": str(getattr(config.severity, "value", config.severity)),
-            "details": details, "files": [] if column == "class_share" else [d["path"] for d in bad]}
+            "details": details, "files": [] if column == "share_excess" else [d["path"] for d in bad]}
 
 
 def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dict:
@@ -124,7 +128,12 @@ def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dic
     kept["classes_per_sha256"] = by_sha["class_name"].transform("nunique")
     kept["class_share"] = (kept.groupby(["split", "class_name"])["path"].transform("size")
                            / kept.groupby("split")["path"].transform("size"))
-    entries += _run(kept, "dataset", dataset)
+    shares = class_shares(kept, classes)
+    split_size = kept.groupby("split")["path"].transform("size")
+    kept["overall_share"] = kept["class_name"].map(shares["all"])
+    kept["share_excess"] = ((kept["class_share"] - kept["overall_share"]).abs()  # two images' worth is rounding
+                            - p.share_gap - 2 / split_size)
+    entries += _run(kept, "dataset", dataset, INDEX_COLUMNS + SHARE_COLUMNS)
 
     dup_files = next(e["files"] for e in entries if e["column"] == "sha256" and e["expectation"].endswith("unique"))
     duplicates = sorted(sorted(g.dropna()) for _, g in kept[kept["path"].isin(dup_files)].groupby("sha256")["path"])
@@ -133,7 +142,19 @@ def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dic
             "duplicates": duplicates, "expectations": entries, "n_images": len(t), "n_kept": len(kept),
             "counts": {s: {c: int(((kept["split"] == s) & (kept["class_name"] == c)).sum()) for c in classes}
                        for s in SPLIT_VALUES if (kept["split"] == s).any()},
+            "class_shares": shares,
             "params": p.model_dump(mode="json")}
+
+
+def class_shares(kept: pd.DataFrame, classes: list[str]) -> dict:
+    """{split or "all": {class: share}} over the kept rows of the used splits (train, val, test)."""
+    used = kept[kept["split"].isin(paths.SPLITS)]
+    out = {"all": {c: float((used["class_name"] == c).mean()) if len(used) else 0.0 for c in classes}}
+    for s in paths.SPLITS:
+        here = used[used["split"] == s]
+        if len(here):
+            out[s] = {c: float((here["class_name"] == c).mean()) for c in classes}
+    return out
 
 
 def _sign(e: dict) -> str:
@@ -152,6 +173,12 @@ def summary_md(report: dict) -> str:
              "", "| | expectation | column | where | details |", "|---|---|---|---|---|"]
     lines += [f"| {_sign(e)} | {e['expectation']} | {cell(e['column'])} | {cell(e['where'])} | {cell(e['details'])} |"
               for e in report["expectations"]]
+    shares = report.get("class_shares") or {}
+    if shares:
+        classes = list(shares["all"])
+        lines += ["", "## Class shares (a rare class is data: class weights and thresholds handle it)", "",
+                  "| split | " + " | ".join(cell(c) for c in classes) + " |", "|---|" + "---|" * len(classes)]
+        lines += [f"| {s} | " + " | ".join(f"{v[c]:.3f}" for c in classes) + " |" for s, v in shares.items()]
     if report["reasons"]:
         lines += ["", f"## Files {left_out}", "", "| file | reason |", "|---|---|"]
         lines += [f"| {cell(path)} | {cell(why)} |" for path, why in sorted(report["reasons"].items())]

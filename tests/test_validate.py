@@ -9,7 +9,7 @@ import yaml
 
 from pipeline import io, paths
 from pipeline.params import Validate
-from pipeline.validate import main, validate
+from pipeline.validate import main, summary_md, validate
 
 CLASSES = ["good", "bad"]
 
@@ -163,14 +163,23 @@ def test_skipping_every_image_of_a_class_in_a_split_fails():
     assert any(e["where"] == "split == test" and "bad" in e["details"] for e in failed(report))
 
 
-def test_class_share_out_of_bounds_fails():
-    table = make_table()
-    table = table.drop(table.index[(table["split"] == "train") & (table["class_name"] == "bad")][1:])  # 10 good, 1 bad
-    report = validate(table, Validate(class_share=(0.2, 0.8)), CLASSES)
+def test_a_rare_class_is_data_but_shares_that_differ_between_splits_fail():
+    table = make_table(per_class=(("train", 40), ("val", 20), ("test", 20)))
+    rare = table.index[table["class_name"] == "bad"]
+    keep_bad = set(table.index[(table["class_name"] == "bad") & (table["split"] == "train")][:2]) | \
+        set(table.index[(table["class_name"] == "bad") & (table["split"] != "train")][::20])
+    table = table.drop([i for i in rare if i not in keep_bad])  # 2 of 42 train, 1 of 21 val, 1 of 21 test: ~5 %
+    report = validate(table, Validate(), CLASSES)
+    assert report["success"], failed(report)
+    assert report["class_shares"]["train"]["bad"] == pytest.approx(2 / 42)
+    assert "Class shares" in summary_md(report)
+    # the same rare class, but missing from most of the test split's share: a broken split, not rare data
+    broken = make_table(per_class=(("train", 40), ("val", 20), ("test", 20)))
+    broken = broken.drop(broken.index[(broken["class_name"] == "bad") & (broken["split"] == "test")][3:])
+    report = validate(broken, Validate(), CLASSES)
     assert not report["success"]
-    [share] = failed(report, "class_share")
-    assert share["where"] == "split == train" and "bad 0.091" in share["details"] and "good 0.909" in share["details"]
-    assert validate(table, Validate(class_share=(0.05, 0.95)), CLASSES)["success"]
+    [gap] = failed(report, "share_excess")
+    assert gap["where"] == "split == test" and "bad 0.130 here" in gap["details"]
 
 
 def test_missing_column_is_refused():

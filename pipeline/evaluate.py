@@ -31,19 +31,30 @@ def load_predictions(name: str) -> dict:
                                         f"run `dvc repro`")
 
 
-def score(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+def score(y: np.ndarray, prob: np.ndarray, threshold: float, classes=None) -> dict:
+    """Every figure of one split at `threshold`: accuracy, balanced accuracy, macro-F1 (the figures that mean something
+    with a rare class), precision/recall/F1 (of class 1 for two classes, macro-averaged for more), ROC AUC
+    (one-vs-rest for more), log loss, the confusion matrix, and precision, recall and F1 per class."""
     pred = models.labels(prob, threshold)
     binary = prob.ndim == 1
+    labels = np.arange(2 if binary else prob.shape[1])
     avg = "binary" if binary else "macro"
     both = len(np.unique(y)) > 1
+    per = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    names = [str(c) for c in classes] if classes is not None else [str(k) for k in labels]
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(np.mean([per[1][k] for k in labels if per[3][k]])) if len(y) else float("nan"),
+        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "precision": float(skm.precision_score(y, pred, average=avg, zero_division=0)),
         "recall": float(skm.recall_score(y, pred, average=avg, zero_division=0)),
         "f1": float(skm.f1_score(y, pred, average=avg, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(y, prob, multi_class="ovr")) if both else float("nan"),
-        "log_loss": float(skm.log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=np.arange(2 if binary else prob.shape[1]))),
-        "confusion_matrix": skm.confusion_matrix(y, pred, labels=np.arange(2 if binary else prob.shape[1])).tolist(),
+        "roc_auc": float(skm.roc_auc_score(y, prob, multi_class="ovr", labels=None if binary else labels))
+        if both and (binary or len(np.unique(y)) == len(labels)) else float("nan"),
+        "log_loss": float(skm.log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=labels)),
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        "per_class": {names[k]: {"precision": float(per[0][k]), "recall": float(per[1][k]), "f1": float(per[2][k]),
+                                 "n": int(per[3][k])} for k in labels},
         "n": int(len(y)),
     }
 
@@ -54,7 +65,8 @@ def evaluate(scored: dict[str, dict], thresholds: dict[str, float] | None = None
     for name, pr in scored.items():
         t = (thresholds or {}).get(name)
         t = models.choose_threshold(pr["val_y"], pr["val_prob"]) if t is None else t
-        results[name] = {"threshold": t, **{s: score(pr[f"{s}_y"], pr[f"{s}_prob"], t) for s in ("val", "test")}}
+        results[name] = {"threshold": t, **{s: score(pr[f"{s}_y"], pr[f"{s}_prob"], t, pr.get("classes"))
+                                             for s in ("val", "test")}}
     return results
 
 
@@ -85,42 +97,65 @@ def kfold_summary(files) -> dict:
     return out
 
 
-def plot(scored: dict, results: dict, best: str) -> list:
-    """PNG figures for every model (test split, for the report), and CSV data of the selected one for `dvc plots`."""
+def curves_of(y: np.ndarray, prob: np.ndarray, classes) -> dict[str, tuple]:
+    """{curve name: (fpr, tpr, mean predicted, fraction positive)} on one split: for two classes the curve of class 1;
+    for more, one-vs-rest per class (classes absent from the split have none)."""
     from sklearn.calibration import calibration_curve
 
-    binary = {n: p for n, p in scored.items() if p["test_prob"].ndim == 1 and len(np.unique(p["test_y"])) > 1}
+    columns = {str(classes[1]): (y == 1, prob)} if prob.ndim == 1 else \
+        {str(c): (y == k, prob[:, k]) for k, c in enumerate(classes)}
+    out = {}
+    for name, (hit, p) in columns.items():
+        if not 0 < hit.sum() < len(hit):
+            continue
+        fpr, tpr, _ = skm.roc_curve(hit, p)
+        frac, mean = calibration_curve(hit, p, n_bins=min(10, max(2, int(hit.sum()))), strategy="quantile")
+        out[name] = (fpr, tpr, mean, frac)
+    return out
+
+
+def plot(scored: dict, results: dict, best: str) -> list:
+    """PNG figures (test split, for the report) and CSV data of the selected model for `dvc plots`, for any number
+    of classes: ROC and calibration of every model (two classes) or of the selected model per class, one-vs-rest
+    (more); a confusion matrix per model."""
+    classes = [str(c) for c in next(iter(scored.values()))["classes"]]
     plt = figures.pyplot()
     fig, (roc_ax, cal_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name, pr in binary.items():
-        fpr, tpr, _ = skm.roc_curve(pr["test_y"], pr["test_prob"])
-        mark = " (selected)" if name == best else ""
-        roc_ax.plot(fpr, tpr, label=f"{name}{mark} (AUC {results[name]['test']['roc_auc']:.3f})")
-        frac, mean = calibration_curve(pr["test_y"], pr["test_prob"], n_bins=10, strategy="quantile")
-        cal_ax.plot(mean, frac, marker="o", label=name)
+    binary = len(classes) == 2
+    drawn = {f"{n}{' (selected)' if n == best else ''}": scored[n] for n in scored} if binary else {best: scored[best]}
+    for label, pr in drawn.items():
+        for curve, (fpr, tpr, mean, frac) in curves_of(pr["test_y"], pr["test_prob"], classes).items():
+            name = label if binary else f"{curve} vs rest"
+            auc = skm.auc(fpr, tpr)
+            roc_ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+            cal_ax.plot(mean, frac, marker="o", label=name)
     roc_ax.plot([0, 1], [0, 1], ":", color="grey")
     cal_ax.plot([0, 1], [0, 1], ":", color="grey")
-    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (test)")
-    cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", title="calibration (test)")
-    roc_ax.legend(), cal_ax.legend()
+    title = "(test)" if binary else f"(test, {best}, one-vs-rest)"
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC {title}")
+    cal_ax.set(xlabel="mean predicted probability", ylabel="fraction positive", title=f"calibration {title}")
+    roc_ax.legend(fontsize="small"), cal_ax.legend(fontsize="small")
     fig.tight_layout()
     files = [figures.save(fig, PLOTS / "roc_calibration.png")]
-    classes = [str(c) for c in next(iter(scored.values()))["classes"]]
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.8), squeeze=False)
+    side = max(3.8, 0.6 * len(classes) + 2)
+    fig, axes = plt.subplots(1, len(results), figsize=(side * len(results), side), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
-        skm.ConfusionMatrixDisplay(np.array(res["test"]["confusion_matrix"]), display_labels=classes).plot(ax=ax, colorbar=False)
-        ax.set_title(f"{name}{' (selected)' if name == best else ''}: test accuracy {res['test']['accuracy']:.3f}")
+        skm.ConfusionMatrixDisplay(np.array(res["test"]["confusion_matrix"]), display_labels=classes).plot(
+            ax=ax, colorbar=False, xticks_rotation=45 if len(classes) > 2 else "horizontal")
+        ax.set_title(f"{name}{' (selected)' if name == best else ''}: test accuracy {res['test']['accuracy']:.3f}",
+                     fontsize="medium")
     fig.tight_layout()
     files.append(figures.save(fig, PLOTS / "confusion.png"))
     pr = scored[best]
     pred = models.labels(pr["test_prob"], results[best]["threshold"])
     io.write_csv(PLOTS / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in pr["test_y"]],
                                                         "predicted": [classes[i] for i in pred]}))
-    if best in binary:
-        fpr, tpr, _ = skm.roc_curve(pr["test_y"], pr["test_prob"])
-        io.write_csv(PLOTS / "roc.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
-        frac, mean = calibration_curve(pr["test_y"], pr["test_prob"], n_bins=10, strategy="quantile")
-        io.write_csv(PLOTS / "calibration.csv", pd.DataFrame({"mean_predicted": mean, "fraction_positive": frac}))
+    found = curves_of(pr["test_y"], pr["test_prob"], classes)
+    io.write_csv(PLOTS / "roc.csv", pd.concat([pd.DataFrame({"class": c, "fpr": f, "tpr": t})
+                                                for c, (f, t, _, _) in found.items()], ignore_index=True))
+    io.write_csv(PLOTS / "calibration.csv", pd.concat([pd.DataFrame({"class": c, "mean_predicted": m,
+                                                                     "fraction_positive": fr})
+                                                        for c, (_, _, m, fr) in found.items()], ignore_index=True))
     return files
 
 
@@ -147,6 +182,8 @@ def main(argv=None) -> int:
             tracking.log_files(run, page, artifact_path="report")
             run.log_metrics({f"{m}_{s}_{k}": v for m, r in results.items() for s in ("val", "test")
                              for k, v in r[s].items() if isinstance(v, float)})
+            run.log_metrics({f"{m}_{s}_recall_{c}": v["recall"] for m, r in results.items() for s in ("val", "test")
+                             for c, v in r[s]["per_class"].items()})
             run.log_metrics({f"kfold_{k}": v for k, v in kfold.items()})
             tracking.log_files(run, paths.METRICS / "evaluate.json", *drawn)
     for name, r in results.items():

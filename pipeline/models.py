@@ -255,10 +255,12 @@ def predict(model, images, batch_size: int = 32) -> np.ndarray:
 
 def table(prob: np.ndarray, classes, threshold: float):
     """The prediction table of `predict` and the pyfunc: `probability` (P(class 1) for two classes, else the top
-    class's) and `label`."""
+    class's), `label`, and every class's probability (`prob_<class>`)."""
     import pandas as pd
 
     prob = np.asarray(prob, np.float64)
     names = np.array(list(classes), dtype=object)
     top = prob if prob.ndim == 1 else prob.max(1)
-    return pd.DataFrame({"probability": top.round(6), "label": names[labels(prob, threshold)]})
+    each = np.stack([1 - prob, prob], 1) if prob.ndim == 1 else prob
+    return pd.DataFrame({"probability": top.round(6), "label": names[labels(prob, threshold)],
+                         **{f"prob_{c}": each[:, k].round(6) for k, c in enumerate(names)}})

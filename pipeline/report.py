@@ -189,8 +189,17 @@ def metrics_frame(results: dict) -> pd.DataFrame:
     for name, r in results.items():
         rows.append({"model": name, "threshold": f"{r['threshold']:.3f}",
                      **{f"{s} {k}": f"{r[s][k]:.4f}" for s in ("val", "test")
-                        for k in ("accuracy", "roc_auc", "log_loss", "f1")}})
+                        for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss") if k in r[s]}})
     return pd.DataFrame(rows)
+
+
+def per_class_frame(result: dict) -> pd.DataFrame:
+    """Precision, recall and F1 of each class of one model, on validation and test."""
+    classes = list(result["test"].get("per_class", {}))
+    return pd.DataFrame([{"class": c, **{f"{s} {k}": (f"{result[s]['per_class'][c][k]:.4f}" if k != "n" else
+                                                     str(result[s]['per_class'][c][k]))
+                                         for s in ("val", "test") for k in ("precision", "recall", "f1", "n")}}
+                         for c in classes])
 
 
 def data_section() -> str:
@@ -237,6 +246,7 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
              "<h2>Models</h2>",
              f"<p>Selected: <b>{html.escape(selected)}</b>, by {html.escape(selected_by)}. Test figures are reported "
              f"for every model and used for no choice.</p>", _table(metrics_frame(results), marked=selected),
+             f"<p>Per class, {html.escape(selected)}:</p>", _table(per_class_frame(results[selected])),
              *(f"<p>{html.escape(n)}</p>" for n in notes),
              "<h2>Figures</h2>", *(_img(p, alt) for p, alt in pictures if Path(p).exists())]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

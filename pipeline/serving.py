@@ -5,8 +5,8 @@
   when it differs), or
 - a DataFrame (what the REST server hands over) with a column `image` (base64-encoded image file bytes, or raw
   bytes) or `path` (image files),
-and returns a DataFrame with `probability` (P(class 1) for two classes, else the top class's) and `label`, as
-`python -m pipeline.predict` does. The optional param `threshold` overrides the recorded one.
+and returns a DataFrame with `probability` (P(class 1) for two classes, else the top class's), `label` and every
+class's probability (`prob_<class>`), as `python -m pipeline.predict` does. The optional param `threshold` overrides the recorded one.
 
 Served over REST (`make serve`), the model reads only what a request carries: a `path` column is refused unless the
 server was started with an allowed folder (`make serve SERVE_ROOT=/data/in`, i.e. `PIPELINE_SERVE_ROOT`), and then
@@ -187,7 +187,8 @@ def log_model(mlflow_module, model_file: Path, registered_model_name: str | None
 
     meta = models.read_meta(str(model_file))
     signature = ModelSignature(
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"),
+                        *(ColSpec("double", f"prob_{c}") for c in meta["classes"])]),
         params=ParamSchema([ParamSpec("threshold", "double", models.threshold_of(meta))]))
     size = meta["image_size"]
     example = np.full((size, size, 3), 128, np.uint8)

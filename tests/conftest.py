@@ -41,10 +41,13 @@ TINY_PARAMS = {
 
 
 def make_image(path: Path, label: int, rng, size: int = 24, mode: str = "RGB", fmt: str | None = None) -> Path:
-    """A learnable toy image: class 0 bright on the left, class 1 bright on the right, plus noise."""
+    """A learnable toy image: class 0 bright on the left, class 1 bright on the right, class 2 and above bright on
+    the top, plus noise."""
     a = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-    half = slice(0, size // 2) if label == 0 else slice(size // 2, size)
-    a[:, half] += 150
+    if label >= 2:
+        a[: size // 2] += 150
+    else:
+        a[:, slice(0, size // 2) if label == 0 else slice(size // 2, size)] += 150
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a).convert(mode).save(path, fmt)
     return path

@@ -52,7 +52,7 @@ def elpv_rows(p: Data) -> pd.DataFrame:
     table = pd.read_csv(root / "labels.csv", sep=r"\s+", header=None, names=["file", "probability", "type"])
     defective = table["probability"] >= p.elpv_threshold
     return pd.DataFrame({
-        "path": [Path(f).as_posix() for f in table["file"]],
+        "path": [inventory.relative(root / f, root_of(p)) for f in table["file"]],
         "class_name": [ELPV_CLASSES[int(d)] for d in defective],
         "probability": table["probability"].round(4),
         "type": table["type"],
@@ -60,7 +60,7 @@ def elpv_rows(p: Data) -> pd.DataFrame:
 
 
 def folder_rows(p: Data) -> pd.DataFrame:
-    root = _existing_dir(p.path, "one sub-folder per class")
+    root, base = _existing_dir(p.path, "one sub-folder per class"), root_of(p)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     presplit = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
     rows = []
@@ -74,7 +74,7 @@ def folder_rows(p: Data) -> pd.DataFrame:
             row = {"class_name": class_dir.name}
             if presplit and p.existing_split == "honour":
                 row["orig_split"] = SPLIT_FOLDERS[split_dir.name.lower()]
-            rows += [{"path": f.relative_to(root).as_posix(), **row} for f in files]
+            rows += [{"path": inventory.relative(f, base), **row} for f in files]
     if not rows:
         raise SourceError(f"no class sub-folders with images in '{root}': expected e.g. {root}/cats/*.jpg, {root}/dogs/*.jpg")
     return pd.DataFrame(rows)
@@ -87,7 +87,8 @@ def kaggle_rows(p: Data) -> pd.DataFrame:
     if not files or bad:
         raise SourceError(f"'{root}' should hold files named <label>.<id>.jpg (as in the Dogs vs. Cats download); "
                           f"{'no images found' if not files else 'unlabelled: ' + ', '.join(bad[:5])}")
-    return pd.DataFrame({"path": [f.name for f in files], "class_name": [f.name.split(".")[0].lower() for f in files]})
+    return pd.DataFrame({"path": [inventory.relative(f, root_of(p)) for f in files],
+                         "class_name": [f.name.split(".")[0].lower() for f in files]})
 
 
 def csv_rows(p: Data) -> pd.DataFrame:

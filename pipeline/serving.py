@@ -12,8 +12,8 @@ Served over REST (`make serve`), the model reads only what a request carries: a 
 server was started with an allowed folder (`make serve SERVE_ROOT=/data/in`, i.e. `PIPELINE_SERVE_ROOT`), and then
 only paths inside it, symlinks resolved; in-process (`mlflow.pyfunc.load_model(...).predict`) paths are read as
 given. A bad request is answered 400 with a message that names the row and what is wrong with it (not an image,
-too large, wrong shape), never a stack trace or a server path. Limits: `MAX_ROWS` images a request, `MAX_BYTES` per
-encoded image, `MAX_PIXELS` per decoded image (checked before decoding).
+too large, wrong shape), never a stack trace or a server path. Limits on a REST server: `MAX_ROWS` images a
+request and `MAX_PIXELS` per decoded image (checked before decoding); everywhere: `MAX_BYTES` per encoded image.
 
 The model is logged as code (this file, with the `pipeline` package as its code path) plus two artifacts, the
 `.keras` file and its JSON: loading it runs no pickle. MLflow's input schema is either named columns or one tensor,
@@ -66,7 +66,7 @@ def decode(item, size: int, row: int = 0) -> np.ndarray:
     if len(item) > MAX_BYTES:
         raise BadInput(f"row {row}: column 'image' holds more than {MAX_BYTES:,} bytes")
     try:
-        return load_rgb(bytes_io.BytesIO(bytes(item)), size, max_pixels=MAX_PIXELS)
+        return load_rgb(bytes_io.BytesIO(bytes(item)), size, max_pixels=MAX_PIXELS if serving() else None)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the request's, said without internals
         raise BadInput(f"row {row}: column 'image' is not a readable image ({_reason(e)})") from None
 
@@ -111,7 +111,7 @@ def as_images(model_input, size: int) -> np.ndarray:
     if isinstance(model_input, dict) and len(model_input) == 1:
         model_input = next(iter(model_input.values()))
     if isinstance(model_input, pd.DataFrame):
-        if len(model_input) > MAX_ROWS:
+        if serving() and len(model_input) > MAX_ROWS:
             raise BadInput(f"{len(model_input)} rows: send at most {MAX_ROWS} images a request")
         if len(model_input) == 0:
             raise BadInput("no rows: send at least one image")
@@ -133,7 +133,7 @@ def as_images(model_input, size: int) -> np.ndarray:
     x = x[None] if x.ndim == 3 else x
     if x.ndim != 4 or x.shape[-1] != 3 or not np.issubdtype(x.dtype, np.number):
         raise BadInput(f"expected RGB images shaped (N, H, W, 3) or (H, W, 3), got an array of shape {x.shape}")
-    if len(x) > MAX_ROWS or x[0].size * len(x) > MAX_PIXELS * 3:
+    if serving() and (len(x) > MAX_ROWS or x[0].size * len(x) > MAX_PIXELS * 3):
         raise BadInput(f"{len(x)} images of {x.shape[1]}x{x.shape[2]}: send at most {MAX_ROWS} images and "
                        f"{MAX_PIXELS:,} pixels a request")
     if x.shape[1:3] != (size, size):

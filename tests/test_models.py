@@ -163,6 +163,8 @@ def test_predict_cli_registry_pyfunc_and_rest_server_agree(all_models, tmp_path)
         for table in (by_path, by_bytes, by_array):
             assert table["label"].tolist() == cli["label"].tolist(), name
             np.testing.assert_allclose(table["probability"], cli["probability"], atol=1e-5)
+        many = serving.local(models.path(name)).classify(np.zeros((serving.MAX_ROWS + 1, 48, 48, 3), np.uint8))
+        assert len(many) == serving.MAX_ROWS + 1  # the REST limits do not bind in-process callers (the registry)
         strict = loaded.predict(pd.DataFrame({"path": [str(f) for f in files]}), params={"threshold": 1.01})
         assert set(strict["label"]) == {"cats"}  # the threshold param overrides the recorded one
 

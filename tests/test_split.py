@@ -197,6 +197,9 @@ def test_a_manifest_of_absolute_paths_outside_its_folder(tmp_path):
                   for p in sorted(images.rglob("*.png"))]).to_csv(csv, index=False)
     again, _ = manifest.ingest(Data(source="csv", path=str(csv), root=str(tmp_path / "data")), workers=1)
     assert again["path"].tolist() == table["path"].tolist()
+    # a folder source under the same data.root names its files the same way
+    folder, _ = manifest.ingest(Data(source="folder", path=str(images), root=str(tmp_path / "data")), workers=1)
+    assert folder["path"].tolist() == table["path"].tolist() and folder["decodable"].all()
 
 
 def test_a_source_or_class_that_cannot_be_read_is_one_clear_error(tmp_path):

@@ -44,7 +44,7 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, classes=None) -> di
     names = [str(c) for c in classes] if classes is not None else [str(k) for k in labels]
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
-        "balanced_accuracy": float(np.mean([per[1][k] for k in labels if per[3][k]])) if len(y) else float("nan"),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
         "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "precision": float(skm.precision_score(y, pred, average=avg, zero_division=0)),
         "recall": float(skm.recall_score(y, pred, average=avg, zero_division=0)),
@@ -122,9 +122,10 @@ def plot(scored: dict, results: dict, best: str) -> list:
     plt = figures.pyplot()
     fig, (roc_ax, cal_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     binary = len(classes) == 2
-    drawn = {f"{n}{' (selected)' if n == best else ''}": scored[n] for n in scored} if binary else {best: scored[best]}
-    for label, pr in drawn.items():
-        for curve, (fpr, tpr, mean, frac) in curves_of(pr["test_y"], pr["test_prob"], classes).items():
+    curves = {n: curves_of(scored[n]["test_y"], scored[n]["test_prob"], classes) for n in (scored if binary else [best])}
+    for n, found in curves.items():
+        label = f"{n}{' (selected)' if n == best else ''}"
+        for curve, (fpr, tpr, mean, frac) in found.items():
             name = label if binary else f"{curve} vs rest"
             auc = skm.auc(fpr, tpr)
             roc_ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
@@ -150,7 +151,7 @@ def plot(scored: dict, results: dict, best: str) -> list:
     pred = models.labels(pr["test_prob"], results[best]["threshold"])
     io.write_csv(PLOTS / "confusion.csv", pd.DataFrame({"actual": [classes[i] for i in pr["test_y"]],
                                                         "predicted": [classes[i] for i in pred]}))
-    found = curves_of(pr["test_y"], pr["test_prob"], classes)
+    found = curves[best]
     io.write_csv(PLOTS / "roc.csv", pd.concat([pd.DataFrame({"class": c, "fpr": f, "tpr": t})
                                                 for c, (f, t, _, _) in found.items()], ignore_index=True))
     io.write_csv(PLOTS / "calibration.csv", pd.concat([pd.DataFrame({"class": c, "mean_predicted": m,

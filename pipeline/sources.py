@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import inventory, io, params, paths
+from pipeline import inventory, io, manifest, params, paths
 from pipeline.manifest import SourceError
 
 
 def main(argv=None) -> int:
     data = params.load().data
     try:
-        source = inventory.source_path(data.model_dump())
-        rows = inventory.listing(source, content=True, memo=paths.HASH_MEMO, root=inventory.data_root(source, data.root))
+        rows = inventory.listing(inventory.source_path(data.model_dump()), content=True, memo=paths.HASH_MEMO,
+                                 root=manifest.root_of(data))
     except FileNotFoundError as e:
         raise SourceError(str(e)) from None
     io.write_csv(paths.SOURCE_INDEX, pd.DataFrame(rows, columns=["path", "state"]))

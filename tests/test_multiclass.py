@@ -35,7 +35,13 @@ def test_three_classes_one_rare_through_every_stage(tmp_path, monkeypatch):
         test = result["test"]
         assert set(test["per_class"]) == set(CLASSES), name
         assert np.array(test["confusion_matrix"]).shape == (3, 3)
-        assert 0 <= test["balanced_accuracy"] <= 1 and 0 <= test["macro_f1"] <= 1
+        matrix = np.array(test["confusion_matrix"])  # rows: true class; the per-class figures follow from it
+        recall = matrix.diagonal() / matrix.sum(1)
+        np.testing.assert_allclose([test["per_class"][c]["recall"] for c in CLASSES], recall)
+        assert [test["per_class"][c]["n"] for c in CLASSES] == matrix.sum(1).tolist()
+        assert abs(test["balanced_accuracy"] - recall.mean()) < 1e-12
+        assert abs(test["macro_f1"] - np.mean([test["per_class"][c]["f1"] for c in CLASSES])) < 1e-12
+        assert abs(test["accuracy"] - matrix.trace() / matrix.sum()) < 1e-12
     roc = pd.read_csv(paths.PLOTS / "evaluate" / "roc.csv")
     calibration = pd.read_csv(paths.PLOTS / "evaluate" / "calibration.csv")
     assert set(roc["class"]) <= set(CLASSES) and len(set(roc["class"])) >= 2 and len(calibration)

@@ -11,6 +11,7 @@ stage <stage>`), each in the project directory with the project's virtualenv fir
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -30,8 +31,8 @@ START_DATE = datetime(2025, 1, 1, tzinfo=timezone.utc)
 # Stages that need an accelerator: they queue on the `gpu` pool, whose slots (`schedule.gpu_slots`) are how many
 # of them may run at once. `bin/ui-airflow` creates the pool: `airflow pools set gpu <slots> "<description>"`.
 GPU_POOL = "gpu"
-GPU_STAGES = frozenset({"extract", "finetune", "bagging"})
-GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, finetune, bagging); slots = params.yaml schedule.gpu_slots"
+GPU_STAGES = frozenset({"extract", "cv", "finetune", "bagging"})
+GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, cv, finetune, bagging); slots = params.yaml schedule.gpu_slots"
 # On a cluster they also go to the Celery queue `schedule.gpu_queue`: "gpu" sends them to the workers started with
 # `--queues default,gpu` (those with a GPU); the default, "default", lets every worker take them.
 
@@ -83,30 +84,47 @@ def _lookup(params: dict, dotted: str):
     return value
 
 
+def _resolve(params: dict, ref) -> list:
+    """A foreach or matrix list: written out, or `${params.key}`."""
+    match = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", ref) if isinstance(ref, str) else None
+    return list(_lookup(params, match.group(1)) if match else ref)
+
+
 def stage_graph(root: Path = PROJECT, params: dict | None = None) -> dict[str, dict]:
     """The stages of dvc.yaml in file order: {name: {"items", "item_outs", "outs", "upstream"}}.
 
-    `items` is the list a `foreach` stage expands over (resolved from params.yaml) or None, `item_outs` maps each
-    item (None for a plain stage) to its output paths; `upstream` holds the stages whose outputs this stage's deps
+    `items` is the list of instance suffixes a `foreach` or `matrix` stage expands over (resolved from params.yaml:
+    `bagging@1-0` has the item "1-0") or None, `item_outs` maps each item (None for a plain stage) to its output
+    paths; `upstream` holds the stages whose outputs this stage's deps
     name (the same rule DVC uses), minus those it also reaches through another stage.
     """
     params = load_params(root) if params is None else params
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     graph: dict[str, dict] = {}
     for name, spec in stages.items():
-        items = None
+        items, subs = None, {None: {}}  # instance suffix -> {placeholder: value}
         if "foreach" in spec:
-            ref = spec["foreach"]
-            match = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", ref) if isinstance(ref, str) else None
-            items = list(_lookup(params, match.group(1)) if match else ref)
-            if not items:  # DVC has no instance of it (finetune while `finetune.start_from` is empty)
-                continue
+            items = [str(i) for i in _resolve(params, spec["foreach"])]
+            subs = {i: {"${item}": i} for i in items}
             spec = spec["do"]
+        elif "matrix" in spec:  # `cv@map_h-0`: one instance per combination, values joined by "-" (DVC's names)
+            keys = list(spec["matrix"])
+            combos = list(itertools.product(*(_resolve(params, v) for v in spec["matrix"].values())))
+            items = ["-".join(str(v) for v in c) for c in combos]
+            subs = {i: {f"${{item.{k}}}": str(v) for k, v in zip(keys, c)} for i, c in zip(items, combos)}
+        if items is not None and not items:  # DVC has no instance of it (finetune while `finetune.start_from` is empty)
+            continue
+
+        def fill(path: str, item) -> str:
+            for placeholder, value in subs[item].items():
+                path = path.replace(placeholder, value)
+            return path
+
         outs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
         deps = _paths(spec.get("deps"))
-        by_item = {i: [p.replace("${item}", str(i)) for p in outs] for i in (items if items is not None else [None])}
+        by_item = {i: [fill(p, i) for p in outs] for i in subs}
         graph[name] = {"items": items, "item_outs": by_item, "outs": [p for ps in by_item.values() for p in ps],
-                       "deps": [p.replace("${item}", str(i)) for p in deps for i in (items or [None])]}
+                       "deps": [fill(p, i) for p in deps for i in subs]}
 
     def feeds(out: str, dep: str) -> bool:
         return out == dep or out.startswith(dep + "/") or dep.startswith(out + "/")
@@ -148,7 +166,7 @@ def in_project(command: str, outs: list[str], root: Path = PROJECT) -> str:
 
 
 def stage_command(target: str, outs: list[str], root: Path = PROJECT) -> str:
-    """Run one DVC stage (or foreach instance, `bagging@0`) through `pipeline.workspace`: here, under the working
+    """Run one DVC stage (or foreach / matrix instance, `bagging@1-0`) through `pipeline.workspace`: here, under the working
     tree's lock (`dvc repro --single-item`); on a cluster worker, in the run's own clone with the data travelling
     through the DVC remote."""
     return in_project(f"python -m pipeline.workspace stage {shlex.quote(target)}", outs, root)
@@ -174,7 +192,7 @@ def bash_kwargs(root: Path = PROJECT) -> dict:
 
 
 def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list, list]:
-    """Create one task per dvc.yaml stage (foreach stages as mapped tasks) in the current DAG, wired like DVC's
+    """Create one task per dvc.yaml stage (foreach and matrix stages as mapped tasks) in the current DAG, wired like DVC's
     graph. Returns the (first, last) tasks, for the caller to attach upstream/downstream work.
     """
     from airflow.sdk import task

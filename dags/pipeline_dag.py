@@ -1,16 +1,18 @@
 """`transfer_pipeline`: the DVC pipeline on a schedule, one Airflow task per DVC stage.
 
-Each task runs `dvc repro --single-item <stage>` (foreach instances: `bagging@<i>`, `kfold@<k>`) in the
+Each task runs `dvc repro --single-item <stage>` (matrix and foreach instances: `cv@map_h-0`, `bagging@1-0`) in the
 project directory with the project's virtualenv first on PATH. DVC owns caching (an unchanged stage is skipped
 in a second); Airflow owns ordering, retries and the schedule. Tasks hand each other nothing but the files
 dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
 
-- Order: the dvc.yaml graph: split -> validate -> cache -> extract -> head -> bagging members, k-fold folds and
-  (opt-in, `finetune.start_from: [head]`) finetune (mapped tasks, one per item in params.yaml `bagging.members` /
-  `kfold.folds` / `finetune.start_from`; a stage whose list is empty has no task, as DVC has no stage) -> evaluate.
+- Order: the dvc.yaml graph: split -> validate -> cache -> extract -> cv (every head design x fold) -> choose ->
+  head (the refit) and bagging (every member x fold) -> ensemble -> evaluate, with (opt-in, `finetune.start_from:
+  [head]`) finetune after head. cv, bagging and finetune are mapped tasks, one per instance DVC has (`head.designs`
+  x `cv.folds`, `bagging.members` x `cv.folds`, `finetune.start_from`; a stage whose list is empty has no task, as
+  DVC has no stage).
 - Schedule: params.yaml `schedule.cron` (default weekly, Monday 03:00 UTC), no catch-up, `schedule.max_active_runs`
   runs at once (1).
-- GPU: extract, finetune and bagging take a slot of the Airflow pool `gpu`, created by `bin/ui-airflow` with
+- GPU: extract, cv, finetune and bagging take a slot of the Airflow pool `gpu`, created by `bin/ui-airflow` with
   `airflow pools set gpu <schedule.gpu_slots> "..."`, so at most that many of them share the accelerator.
   Each stage logs whether it runs on GPU or CPU.
 - Retries: params.yaml `schedule.retries`, exponential backoff from `schedule.retry_delay_seconds` (capped at 30
@@ -19,7 +21,7 @@ dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
   so runs of this DAG and of `retrain_on_new_data` never work in it at the same time. On a cluster (`make cluster`)
   each Celery worker builds the run's commit (the first task, `commit`) in a clone of its own, and the stages'
   outputs travel through the DVC remote; runs may then overlap (`schedule.max_active_runs`).
-- Registry: the last task, `register`, registers the model evaluate selected on validation if it passes
+- Registry: the last task, `register`, registers the model cross-validation chose if it passes
   `evaluate.gate` and beats the registered version on the current test split.
 - MLflow: every task gets `PIPELINE_RUN_ID` = the Airflow run id, so the run's stages become nested runs of one
   parent run, and a retried task adds a nested run (the failed try stays, marked FAILED). `MLFLOW_TRACKING_URI`, when set in the Airflow

@@ -45,16 +45,17 @@ CHECK_PARAMS = {
     "cache": {"image_size": 48, "workers": 1},
     "backbone": {"name": "small_cnn", "weights": "none"},
     "extract": {"batch_size": 16},
-    "head": {"conv_filters": 8, "hidden": 16, "epochs": 2, "patience": 1, "batch_size": 8, "learning_rate": 0.01},
-    "bagging": {"members": [0, 1], "backbones": []},
-    "kfold": {"folds": [0, 1], "epochs": 1},
+    "head": {"designs": ["pooled", "map"], "conv_filters": 8, "hidden": 16, "epochs": 2, "patience": 1,
+             "batch_size": 8, "learning_rate": 0.01},
+    "bagging": {"members": [1], "backbones": []},
+    "cv": {"folds": [0, 1]},
     "evaluate": {"gate": {"min_accuracy": 0.0, "min_roc_auc": 0.0}},
     "schedule": {"cron": None, "retries": 1, "retry_delay_seconds": 2, "gpu_slots": 2, "max_active_runs": 2},
 }
 # outputs of the project's own last run: not the snapshot's
 GENERATED = ("dvc.lock", "metrics/", "plots/", "data/split_summary.json")
 KILL_TASK = "evaluate"
-MAPPED = ("bagging", "kfold")
+MAPPED = ("cv", "bagging")
 HEARTBEAT_TIMEOUT = 20
 GIT_ID = ["-c", "user.name=cluster-check", "-c", "user.email=cluster-check@localhost"]
 

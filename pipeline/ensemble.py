@@ -1,44 +1,82 @@
-"""Ensemble stage: the bagging members that `bagging.members` names, behind their frozen backbones (one, or one per
-entry of `bagging.backbones`), as the image-in model `models/bagging.keras` (mean of the members' probabilities,
-each averaged over its flips; `pipeline.models`).
+"""Ensemble stage: how many bagging members join the refit head, chosen by cross-validation, and the ensemble refit.
 
-Exactly the members params name are read: a member dropped from params is not averaged in, even if its files are
-still on disk. The threshold is chosen on the validation probabilities of the mean, like every model's.
+For n = 0, 1, ... len(bagging.members), the out-of-fold probabilities of "the head plus the first n members" are the
+mean of the head recipe's and those members' (the bagging stage's folds), scored fold by fold; the
+one-standard-error rule (`pipeline.selection`) takes the fewest members within one standard error of the best, and
+picks the threshold the same way. The chosen members are then refit on bootstrap resamples of all of train+val
+and put, with the head, behind their frozen backbones as the image-in model `models/bagging.keras` (mean of the
+parts' probabilities, each averaged over its flips; `pipeline.models`). With n = 0 it is the head alone, and
+evaluate delivers the head. Writes `metrics/cv_bagging.json` (every count's CV figures and the choice).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline import features, heads, io, lineage, members, models, params, paths, predictions, tracking
+from pipeline import curves, features, heads, io, lineage, members, models, params, paths, predictions, selection, \
+    tracking
 
 NAME = "bagging"
 
 
+def choose_count(y: np.ndarray, folds: np.ndarray, head: np.ndarray, member_probs: list[np.ndarray]) -> dict:
+    """{"counts": {n: scores}, "members": n chosen, ...} from the head's and the members' out-of-fold probabilities."""
+    scores = {str(n): selection.fold_scores(y, members.combine([head, *member_probs[:n]]), folds)
+              for n in range(len(member_probs) + 1)}
+    n = int(selection.one_standard_error(scores, list(scores)))
+    rule, threshold, rules = selection.threshold_rule(y, members.combine([head, *member_probs[:n]]), folds)
+    return {"chosen_by": selection.RULE, "members": n, "counts": scores, "threshold_rule": rule,
+            "threshold": threshold, "threshold_rules": rules}
+
+
 def main(argv=None) -> int:
     prm = params.load()
-    chosen = list(prm.bagging.members)
+    p = heads.chosen(prm.head)
+    pooled = p.features == "pooled"
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    with tracking.stage_run("ensemble", {"members": chosen}) as run:
-        pred = members.combine([members.load_predictions(m) for m in chosen])  # names a member that was never trained
-        groups, flips, pooled = {}, None, False  # backbone -> heads, in the members' order
+    head_pred = predictions.load("head")
+    y, folds = head_pred["cv_y"], head_pred["cv_fold"]
+    _, _, all_folds = features.train_val(pooled=True)
+    used = np.isin(all_folds, prm.cv.folds)
+    oof = [predictions.out_of_fold(members.member_name(m), all_folds, prm.cv.folds)[used] for m in prm.bagging.members]
+    with tracking.stage_run("ensemble", {"members": list(prm.bagging.members)}) as run:
+        result = choose_count(y, folds, head_pred["cv_prob"], oof)
+        chosen = list(prm.bagging.members)[:result["members"]]
+        head_model, _ = models.load("head")
+        groups = {None: [head_model.get_layer("classifier").get_layer("head")]}  # backbone -> heads, head first
+        test = [head_pred["test_prob"]]
+        trained = []
         for m in chosen:
-            model, member_meta = models.load(members.member_name(m))
-            b = member_meta["backbone"]["name"]  # as the member was trained
-            groups.setdefault(None if b == meta["name"] else b, []).append(model)
-            flips = [tuple(a) for a in member_meta["tta_flips"]["features"]]
-            pooled = member_meta["design"]["features"] == "pooled"
+            backbone = members.member_backbone(prm, m)
+            root = features.features_dir(backbone)
+            x, ty, _ = features.train_val(pooled, root)
+            model, history, rows = members.fit(prm, m, p, x, ty, len(meta["classes"]))
+            groups.setdefault(backbone, []).append(model)
+            test.append(predictions.probabilities(model, features.load_features("test", pooled, root)[0],
+                                                  flips=heads.flips_of(p)))
+            trained.append({"member": m, "backbone": backbone or prm.backbone.name,
+                            "unique_rows": int(len(np.unique(rows)))})
+            tracking.log_files(run, *curves.save(history, f"ensemble/member_{m}", run, ty[rows]))
         metas = [meta if b is None else io.read_json(features.features_dir(b) / "meta.json") for b in groups]
-        parts = [(features.features_model(m, pooled), trained) for m, trained in zip(metas, groups.values())]
+        parts = [(features.features_model(m, pooled), hs) for m, hs in zip(metas, groups.values())]
+        flips = heads.flips_of(p)
         model = models.compose(*parts[0], more=parts[1:], map_flips=flips, name=NAME)
         backbones = [heads.backbone_of(m) for m in metas]
         models.save(model, NAME, models.meta_for(
-            NAME, classes=meta["classes"], threshold=models.choose_threshold(pred["val_y"], pred["val_prob"]),
-            image_size=meta["image_size"], backbone=backbones[0], image_flips=[()], map_flips=flips,
-            lineage=lineage.describe("ensemble"), members=[members.member_name(m) for m in chosen],
-            backbones=backbones))
-        predictions.save(NAME, meta["classes"], (pred["val_prob"], pred["val_y"]), (pred["test_prob"], pred["test_y"]))
-        tracking.log_files(run, models.meta_path(NAME))
-    print(f"ensemble: {len(chosen)} bagging members on {len(groups)} backbone(s) -> {models.path(NAME)}")
+            NAME, classes=meta["classes"], threshold=result["threshold"], image_size=meta["image_size"],
+            backbone=backbones[0], image_flips=[()], map_flips=flips, lineage=lineage.describe("ensemble"),
+            parts=["head"] + [members.member_name(m) for m in chosen], members=trained, backbones=backbones,
+            design=models.read_meta("head")["design"], trained_on={"splits": ["train", "val"], "rows": int(len(y))}))
+        predictions.save(NAME, meta["classes"], (members.combine([head_pred["cv_prob"], *oof[:len(chosen)]]), y, folds),
+                         (members.combine(test), head_pred["test_y"]))
+        io.write_json(paths.METRICS / "cv_bagging.json", result)
+        if run:
+            run.log_params({"members_chosen": len(chosen)})
+            run.log_metrics({f"cv_members_{n}_accuracy_mean": s["accuracy_mean"] for n, s in result["counts"].items()})
+            tracking.log_files(run, models.meta_path(NAME), paths.METRICS / "cv_bagging.json")
+    for n, s in result["counts"].items():
+        print(f"ensemble head + {n} members{' *' if int(n) == len(chosen) else '  '} CV accuracy "
+              f"{s['accuracy_mean']:.4f} ± {s['accuracy_sd']:.4f} (SE {s['accuracy_se']:.4f})")
+    print(f"ensemble: the head and {len(chosen)} bagging member(s) by the one-standard-error rule -> {models.path(NAME)}")
     return 0
 
 

@@ -1,17 +1,20 @@
-"""Evaluate stage: every model scored on validation and test; the model handed over is chosen on validation only.
+"""Evaluate stage: the delivered model and its peers scored once on the test split, for the report, beside the
+figures cross-validation measured.
 
-For each model in `evaluate.models` it reads the probabilities its stage wrote (`data/predictions/<name>.npz`) and
-the decision threshold its stage chose on validation (the JSON beside the model), and scores both splits at that
-threshold. The selected model is the best on validation (`SELECTED_BY`); test figures are reported for every model
-and used for no choice here (the registry's `--if-better` comparison scores the candidate and the registered
-version on the current test split, as a hold-out both have never been chosen on). `metrics/evaluate.json`:
+For each model in `evaluate.models` it reads the probabilities its stage wrote (`data/predictions/<name>.npz`: the
+recipe's out-of-fold predictions over train+val and the refit model's test predictions) and the threshold chosen by
+cross-validation (the JSON beside the model), and scores both at it. The delivered model was chosen before this
+stage by cross-validation (`SELECTED_BY`: the head, or the bagging ensemble when the ensemble stage kept members);
+test figures are reported for every model and used for no choice (the registry's `--if-better` comparison scores
+the candidate and the registered version on the current test split, as a hold-out neither was chosen on).
+`metrics/evaluate.json`:
 
-    {"selected": name, "selected_by": "...", "models": {name: {"threshold": t, "val": {...}, "test": {...}}}}
+    {"selected": name, "selected_by": "...", "models": {name: {"threshold": t, "cv": {...}, "test": {...}}}}
 
-with accuracy, precision, recall, F1, ROC AUC, log loss, confusion matrix and n per split (bagging also lists its
-members). Then the K-fold summary over exactly the folds params name, ROC / confusion / calibration plots (PNG for
-every model, CSV of the selected one for `dvc plots`), the report page (`pipeline.report`: diagnosis of every
-training history, error gallery, Grad-CAM overlays) and the selected model offered to the gated MLflow registry.
+with accuracy (and, for CV, its mean ± SD over folds), balanced accuracy, precision, recall, F1, ROC AUC, log loss,
+confusion matrix and n. Then ROC / confusion / calibration plots (PNG for every model, CSV of the delivered one
+for `dvc plots`), the report page (`pipeline.report`: diagnosis of every training history, error gallery,
+Grad-CAM overlays) and the delivered model offered to the gated MLflow registry.
 """
 from __future__ import annotations
 
@@ -19,14 +22,14 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import figures, io, members, models, params, paths, predictions, registry, report, tracking
+from pipeline import figures, io, models, params, paths, predictions, registry, report, selection, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
-SELECTED_BY = models.CHOICE_RULE
+SELECTED_BY = "cross-validation over train+val, the one-standard-error rule (pipeline.selection)"
 
 
 def load_predictions(name: str) -> dict:
-    """{val_prob, val_y, test_prob, test_y, classes} that model `name`'s stage wrote."""
+    """{cv_prob, cv_y, cv_fold, test_prob, test_y, classes} that model `name`'s stage wrote."""
     return predictions.load(name, f"model '{name}' (evaluate.models in params.yaml) has not been trained; "
                                         f"run `dvc repro`")
 
@@ -59,42 +62,26 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, classes=None) -> di
     }
 
 
-def evaluate(scored: dict[str, dict], thresholds: dict[str, float] | None = None) -> dict:
-    """{name: {"threshold", "val", "test"}}; a model's threshold is its recorded one, else chosen on validation."""
+def evaluate(scored: dict[str, dict], thresholds: dict[str, float]) -> dict:
+    """{name: {"threshold", "cv", "test"}}: each model at its recorded threshold, on its recipe's out-of-fold
+    predictions over train+val (pooled, plus the mean and SD over folds; None for a model not cross-validated)
+    and on the test split."""
     results = {}
     for name, pr in scored.items():
-        t = (thresholds or {}).get(name)
-        t = models.choose_threshold(pr["val_y"], pr["val_prob"]) if t is None else t
-        results[name] = {"threshold": t, **{s: score(pr[f"{s}_y"], pr[f"{s}_prob"], t, pr.get("classes"))
-                                             for s in ("val", "test")}}
+        t = thresholds[name]
+        cv = None
+        if "cv_prob" in pr:
+            folds = selection.fold_scores(pr["cv_y"], pr["cv_prob"], pr["cv_fold"], t)
+            cv = {**score(pr["cv_y"], pr["cv_prob"], t, pr.get("classes")),
+                  **{k: folds[k] for k in ("accuracy_mean", "accuracy_sd", "accuracy_se", "folds")}}
+        results[name] = {"threshold": t, "cv": cv, "test": score(pr["test_y"], pr["test_prob"], t, pr.get("classes"))}
     return results
 
 
-def select(results: dict) -> str:
-    """The model handed over, by `SELECTED_BY`: reads validation figures only."""
-    return max(results, key=lambda m: models.choice_key(results[m]["val"]))
-
-
-def member_scores(chosen: list[int]) -> list[dict]:
-    """Each bagging member's accuracy and ROC AUC on val and test, at its own validation threshold."""
-    out = []
-    for m in chosen:
-        pr = members.load_predictions(m)
-        t = models.threshold_of(models.read_meta(members.member_name(m)))
-        out.append({"member": m, **{f"{s}_{k}": score(pr[f"{s}_y"], pr[f"{s}_prob"], t)[k]
-                                    for s in ("val", "test") for k in ("accuracy", "roc_auc")}})
-    return out
-
-
-def kfold_summary(files) -> dict:
-    folds = [io.read_json(f) for f in sorted(files)]
-    if not folds:
-        return {"folds": 0}
-    out = {"folds": len(folds)}
-    for key in ("accuracy", "roc_auc"):
-        values = np.array([f[key] for f in folds], float)
-        out[f"{key}_mean"], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=0))
-    return out
+def select(results: dict, bagged: int | None) -> str:
+    """The model handed over: the bagging ensemble when cross-validation kept members beside the head (`bagged`,
+    from the ensemble stage), else the head. Test figures play no part."""
+    return "bagging" if bagged and "bagging" in results else "head"
 
 
 def curves_of(y: np.ndarray, prob: np.ndarray, classes) -> dict[str, tuple]:
@@ -167,33 +154,29 @@ def main(argv=None) -> int:
         scored = {m: load_predictions(m) for m in p.models}
         predictions.same_rows(scored)
         results = evaluate(scored, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
-        if "bagging" in results:
-            results["bagging"]["members"] = member_scores(list(prm.bagging.members))
-        selected = select(results)
-        kfold = kfold_summary([paths.METRICS / "kfold" / f"fold_{k}.json" for k in prm.kfold.folds])
+        bagged = io.read_json(paths.METRICS / "cv_bagging.json")["members"] if "bagging" in p.models else None
+        selected = select(results, bagged)
         summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
         io.write_json(paths.METRICS / "evaluate.json", summary)
-        io.write_json(paths.METRICS / "kfold.json", kfold)
         drawn = plot(scored, results, selected)
-        trained = [m for m in ("head", "finetune") if m in p.models]
-        trained += [members.member_name(m) for m in prm.bagging.members] + [f"kfold/fold_{k}" for k in prm.kfold.folds]
+        design = io.read_json(paths.RECIPE)["design"]
+        trained = [m for m in ("head", "finetune") if m in p.models] + [f"cv/{design}/fold_{k}" for k in prm.cv.folds]
+        trained += [f"ensemble/member_{m}" for m in prm.bagging.members[:bagged or 0]]
         page = report.build(results, selected, SELECTED_BY, trained, scored[selected], PLOTS)
         if run:
             run.set_tag("selected", selected)
             tracking.log_files(run, page, artifact_path="report")
-            run.log_metrics({f"{m}_{s}_{k}": v for m, r in results.items() for s in ("val", "test")
-                             for k, v in r[s].items() if isinstance(v, float)})
-            run.log_metrics({f"{m}_{s}_recall_{c}": v["recall"] for m, r in results.items() for s in ("val", "test")
-                             for c, v in r[s]["per_class"].items()})
-            run.log_metrics({f"kfold_{k}": v for k, v in kfold.items()})
+            scored_splits = [(m, s, r[s]) for m, r in results.items() for s in ("cv", "test") if r[s]]
+            run.log_metrics({f"{m}_{s}_{k}": v for m, s, r in scored_splits for k, v in r.items() if isinstance(v, float)})
+            run.log_metrics({f"{m}_{s}_recall_{c}": v["recall"] for m, s, r in scored_splits
+                             for c, v in r["per_class"].items()})
             tracking.log_files(run, paths.METRICS / "evaluate.json", *drawn)
     for name, r in results.items():
-        print(f"evaluate {name:9s}{' *' if name == selected else '  '} val accuracy {r['val']['accuracy']:.4f}  "
+        cv = f"CV accuracy {r['cv']['accuracy_mean']:.4f} ± {r['cv']['accuracy_sd']:.4f}" if r["cv"] else "no CV"
+        print(f"evaluate {name:9s}{' *' if name == selected else '  '} {cv}  "
               f"test accuracy {r['test']['accuracy']:.4f}  ROC AUC {r['test']['roc_auc']:.4f}  "
               f"log loss {r['test']['log_loss']:.4f}  threshold {r['threshold']:.3f}  (n={r['test']['n']})")
-    print(f"evaluate: selected {selected} by {SELECTED_BY}")
-    if kfold["folds"]:
-        print(f"evaluate kfold: accuracy {kfold['accuracy_mean']:.4f} ± {kfold['accuracy_std']:.4f} over {kfold['folds']} folds")
+    print(f"evaluate: delivers {selected} ({SELECTED_BY})")
     if tracking.registering():
         print(registry.register(if_better=True))
     return 0

@@ -1,11 +1,12 @@
 """Loading features: where the extract stage's bottleneck features of a backbone are, reading a split of them, and
-the frozen backbone they came from (for the image-in models). The head, bagging, kfold and ensemble stages read
-features only through here."""
+the frozen backbone they came from (for the image-in models), and train+val cut into the split stage's folds. The
+cv, head, bagging and ensemble stages read features only through here."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pipeline import backbones, io, params, paths
 
@@ -31,6 +32,28 @@ def load_features(split: str, pooled: bool = False, root: Path = paths.FEATURES_
     if len(x) != len(y):
         raise ValueError(f"{root}/{split}_pooled.npy and {split}_y.npy disagree: rerun `dvc repro extract`")
     return x, y
+
+
+def train_val(pooled: bool = False, root: Path = paths.FEATURES_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, fold) of every train+val row, train rows first, in the order of `index.csv`: all that
+    cross-validation and the refit read (never a test row)."""
+    index = pd.read_csv(root / "index.csv")
+    xs, ys, folds = [], [], []
+    for split in ("train", "val"):
+        x, y = load_features(split, pooled, root)
+        xs.append(x), ys.append(y), folds.append(index.loc[index["split"] == split, "fold"].to_numpy())
+    x, y, f = np.concatenate(xs), np.concatenate(ys), np.concatenate(folds)
+    if len(f) != len(y):
+        raise ValueError(f"{root}/index.csv does not match the features: rerun `dvc repro extract`")
+    return x, y, f
+
+
+def fold_rows(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of `fold`, as indices into `train_val`'s rows."""
+    held = folds == fold
+    if not held.any():
+        raise ValueError(f"fold {fold} holds no rows: check split.folds and cv.folds in params.yaml")
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def features_model(meta: dict, pooled: bool = False):

@@ -1,7 +1,9 @@
 """Fine-tune stage: augmentation -> backbone -> the trained head, with the top of the backbone unfrozen.
 
 Opt-in: dvc.yaml has a `finetune@head` stage only while `finetune.start_from: [head]` (the GPU recipe; on two CPU
-cores its minutes bought less on validation than the head it starts from).
+cores its minutes bought less on validation than the head it starts from). It fine-tunes the head refit on
+train+val, on train+val, for exactly `finetune.epochs` epochs, at the head's threshold: it is not cross-validated
+(K fine-tunes cost K times the GPU time), so it has no CV figure and is never the model delivered by the rule.
 
 The augmentation runs in the training loader on a CPU (OpenCV, every core, uint8) and as the first layer of the
 model on a GPU (`augment_in`); both draw the same random affine warps (`pipeline.augment`).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 import keras
+import numpy as np
 
 from pipeline import augment, backbones, curves, device, io, lineage, loader, models, params, paths, predictions, tracking, train
 
@@ -43,7 +46,7 @@ def load_head(backbone: dict, image_size: int):
 
 def augmentation(p: params.Augment, design: dict) -> params.Augment:
     """The fine-tune augmentation with the flips left open (`null`) taken from the head's chosen design: a flip
-    that validation found to hurt the head does not keep the label."""
+    that cross-validation found not to help the head is not assumed to keep the label."""
     return p.model_copy(update={k: design[k] for k in ("horizontal_flip", "vertical_flip") if getattr(p, k) is None})
 
 
@@ -80,29 +83,27 @@ def main(argv=None) -> int:
         unfrozen = backbones.unfreeze_from(base, p.unfreeze_from, bb.name)
         where = augment_where(p, dev)
         model = train.compile_for(build(base, head, p, prm.seed, in_model=where == "model"), len(classes), p.learning_rate)
-        data = {s: io.load_pair(paths.CACHE_DIR / s) for s in paths.SPLITS}
-        weights = train.class_weights(data["train"][1], len(classes), prm.head.class_weight)
-        batches = {s: loader.Batches(*data[s], p.batch_size, shuffle=s == "train", seed=prm.seed,
-                                    weights=weights if s == "train" else None,
-                                    steps=p.steps_per_epoch if s == "train" else None,
-                                    augment=p.augment if s == "train" and where == "loader" else None)
-                   for s in ("train", "val")}
+        parts = [io.load_pair(paths.CACHE_DIR / s) for s in ("train", "val")]  # everything that is not test
+        x, y = (np.concatenate([part[i] for part in parts]) for i in (0, 1))
+        weights = train.class_weights(y, len(classes), prm.head.class_weight)
+        batches = loader.Batches(x, y, p.batch_size, shuffle=True, seed=prm.seed, weights=weights,
+                                 steps=p.steps_per_epoch, augment=p.augment if where == "loader" else None)
         print(f"finetune: {len(unfrozen)} layers unfrozen from '{unfrozen[0]}' (BatchNorm stays frozen); "
-              f"augmentation in the {where}")
-        history = train.fit(model, batches["train"], batches["val"], epochs=p.epochs, batch_size=p.batch_size,
-                            patience=max(2, p.epochs), extra_callbacks=[tracking.keras_callback(run)])
+              f"augmentation in the {where}; {len(y)} train+val images")
+        history = train.fit(model, batches, None, epochs=p.epochs, batch_size=p.batch_size, patience=p.epochs,
+                            extra_callbacks=[tracking.keras_callback(run)])
         flips = models.flip_axes(p.augment)
         delivered = models.compose(base, [head], image_flips=flips, name="finetune")
-        probs = {s: models.predict(delivered, data[s][0], p.batch_size) for s in ("val", "test")}
+        test_x, test_y = io.load_pair(paths.CACHE_DIR / "test")
+        test_prob = models.predict(delivered, test_x, p.batch_size)  # for the report; chooses nothing
         models.save(delivered, "finetune", models.meta_for(
-            "finetune", classes=classes, threshold=models.choose_threshold(data["val"][1], probs["val"]),
+            "finetune", classes=classes, threshold=models.read_meta("head")["threshold"],
             image_size=size, backbone={k: info[k] for k in ("name", "label", "weights", "cut_layer")},
             image_flips=flips, map_flips=[()], lineage=lineage.describe("finetune"),
             unfreeze_from=unfrozen[0], augment_in=where))
-        predictions.save("finetune", classes, (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        tracking.log_files(run, models.meta_path("finetune"), *curves.save(history, "finetune", run, data["train"][1]))
-    print(f"finetune: best val_loss {history['val_loss'].min():.4f}, val_accuracy "
-          f"{history.loc[history['val_loss'].idxmin(), 'val_accuracy']:.4f}")
+        predictions.save("finetune", classes, None, (test_prob, test_y))
+        tracking.log_files(run, models.meta_path("finetune"), *curves.save(history, "finetune", run, y))
+    print(f"finetune: {len(history)} epochs, final training loss {history['loss'].iloc[-1]:.4f}")
     return 0
 
 

@@ -1,68 +1,45 @@
-"""Head stage: a classifier trained on the cached bottleneck features, its design chosen on validation.
+"""Head stage: the chosen recipe refit on all of train+val, as the image-in model people get.
 
-Designs (`candidates`): a small convolutional detector on the standardised feature map (or plain global pooling
-with `conv_filters: 0`), max- and average-pooled, trained on randomly flipped maps and averaged over the same
-flips (`models.flip_axes`), with or without vertical flips; or a dense layer on the backbone's top map pooled to
-a vector. The extract stage stored both kinds of features in one pass; `head.design: auto` and
-`head.vertical_flip: auto` train every candidate and keep the one with the best validation accuracy (ties: lower
-validation log loss). Fine cracks on solar cells want the map; whole objects in photos the pooled top; whether a
-flip keeps the label is the data's business. Each: balanced class weights, shuffled batches, seeded;
-EarlyStopping, ModelCheckpoint on the best val_loss and ReduceLROnPlateau.
-
-It writes the image-in model `models/head.keras` (the frozen backbone, the head and the flip averaging in one file,
-see `pipeline.models`) with its JSON (the chosen `design`, the threshold chosen on validation), every candidate's
-validation scores (`metrics/head_designs.json`), validation and test probabilities, the history and learning
-curves. Bagging, kfold and finetune follow the chosen design.
+The choose stage picked the design (and the threshold, and the epoch count) by cross-validation; this stage trains
+that design on every train+val row for exactly that many epochs, with nothing held back: no early stopping, no
+choice left to make. It writes the image-in model `models/head.keras` (the frozen backbone, the head and the flip
+averaging in one file, see `pipeline.models`) with its JSON (design, threshold, the rows it trained on), the
+recipe's out-of-fold probabilities beside the model's test probabilities (`data/predictions/head.npz`; evaluate
+reads the test ones, once, for the report), the history and learning curves.
 """
 from __future__ import annotations
 
-from pipeline import curves, device, features, heads, io, lineage, models, params, paths, predictions, tracking
+import numpy as np
+
+from pipeline import curves, features, heads, io, lineage, models, params, paths, predictions, tracking
 
 
 def main(argv=None) -> int:
     prm = params.load()
-    with tracking.stage_run("head", {"head": prm.head.model_dump(), "seed": prm.seed}) as run:
-        meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-        n_classes = len(meta["classes"])
-        print(f"device: {device.detect()}")
-        loaded = {pooled: {s: features.load_features(s, pooled) for s in paths.SPLITS} for pooled in (False, True)}
-        tried = []
-        for p in heads.candidates(prm.head):  # every design judged on validation only; test is scored, never read
-            data = loaded[p.design == "pooled"]
-            model, history, probs = heads.fit_design(p, data, n_classes, prm.seed, verbose=0)
-            scores = models.validation_scores(data["val"][1], probs["val"])
-            tried.append((p, model, history, probs, scores))
-            print(f"head design {heads.design_name(p)}: val accuracy {scores['accuracy']:.4f}, "
-                  f"val log loss {scores['log_loss']:.4f} ({len(history)} epochs)")
-        p, head, history, probs, scores = max(tried, key=lambda t: models.choice_key(t[4]))
-        data = loaded[p.design == "pooled"]
-        print(f"head: chose {heads.design_name(p)} on validation" + (f" among {len(tried)} designs" if len(tried) > 1 else ""))
-        # the flips that keep the label, for fine-tuning: those of the chosen map design or, for the pooled top
-        # (flips do not apply to a vector), those of the best map design tried, when one was
-        maps = [t for t in tried if t[0].design == "map"]
-        flips_from = p if p.design == "map" or not maps else max(maps, key=lambda t: models.choice_key(t[4]))[0]
-        design = {"features": p.design, "layer": meta["pooled_layer"] if p.design == "pooled" else meta["cut_layer"],
-                  "horizontal_flip": flips_from.horizontal_flip, "vertical_flip": flips_from.vertical_flip,
-                  "chosen_by": models.CHOICE_RULE}
-        io.write_json(paths.METRICS / "head_designs.json", {
-            "chosen": heads.design_name(p), "designs": [{"design": heads.design_name(q), **{f"val_{k}": v for k, v in s.items()},
-                                                   "epochs": len(h)} for q, _, h, _, s in tried]})
+    p = heads.chosen(prm.head)
+    recipe = io.read_json(paths.RECIPE)
+    meta = io.read_json(paths.FEATURES_DIR / "meta.json")
+    pooled = p.features == "pooled"
+    x, y, folds = features.train_val(pooled)
+    with tracking.stage_run("head", {"head": p.model_dump(), "seed": prm.seed}) as run:
+        head, history = heads.train_head((x, y), None, len(meta["classes"]), p, prm.seed,
+                                         callbacks=[tracking.keras_callback(run)], verbose=0)
         flips = heads.flips_of(p)
-        model = models.compose(features.features_model(meta, pooled=p.design == "pooled"), [head], map_flips=flips,
-                               name="head")
+        test_x, test_y = features.load_features("test", pooled)  # predicted for the report; chooses nothing
+        model = models.compose(features.features_model(meta, pooled=pooled), [head], map_flips=flips, name="head")
+        design = {"name": p.design, "features": p.features, "layer": meta["pooled_layer"] if pooled else meta["cut_layer"],
+                  "horizontal_flip": p.horizontal_flip, "vertical_flip": p.vertical_flip, "epochs": p.epochs,
+                  "chosen_by": recipe["chosen_by"]}
         models.save(model, "head", models.meta_for(
-            "head", classes=meta["classes"], threshold=scores["threshold"], image_size=meta["image_size"],
+            "head", classes=meta["classes"], threshold=recipe["threshold"], image_size=meta["image_size"],
             backbone=heads.backbone_of(meta), image_flips=[()], map_flips=flips, lineage=lineage.describe("head"),
-            feature_shape=list(data["train"][0].shape[1:]), design=design))
-        predictions.save("head", meta["classes"], (probs["val"], data["val"][1]), (probs["test"], data["test"][1]))
-        plots = curves.save(history, "head", run, y_train=data["train"][1])
-        tracking.log_history(run, history)
-        tracking.log_files(run, models.meta_path("head"), paths.METRICS / "head_designs.json", *plots)
-        if run:
-            run.log_params({"chosen_design": heads.design_name(p)})
-            run.log_metrics({f"design_{i}_val_accuracy": t[4]["accuracy"] for i, t in enumerate(tried)})
-    best = history.loc[history["val_loss"].idxmin()]
-    print(f"head: best epoch {int(best['epoch'])}, val_loss {best['val_loss']:.4f}, val_accuracy {best['val_accuracy']:.4f}")
+            feature_shape=list(x.shape[1:]), design=design, trained_on={"splits": ["train", "val"], "rows": int(len(y))}))
+        oof = predictions.out_of_fold(f"designs/{p.design}", folds, prm.cv.folds)
+        used = np.isin(folds, prm.cv.folds)  # the rows of the folds params name
+        predictions.save("head", meta["classes"], (oof[used], y[used], folds[used]),
+                         (predictions.probabilities(head, test_x, flips=flips), test_y))
+        tracking.log_files(run, models.meta_path("head"), *curves.save(history, "head", run, y_train=y))
+    print(f"head: {p.design} refit on {len(y)} train+val rows for {p.epochs} epochs -> {models.path('head')}")
     return 0
 
 

@@ -1,15 +1,30 @@
-"""Building and training a head: the classifier on a backbone's features that the head, bagging and kfold stages
-train, its candidate designs and the design the head stage chose (`models/head.json`)."""
+"""Building and training a head: the classifier on a backbone's features that the cv, head, bagging and ensemble
+stages train; its candidate designs (`head.designs`) as recipes, and the recipe the choose stage chose by
+cross-validation (`data/cv/recipe.json`)."""
 from __future__ import annotations
 
 import keras
 import numpy as np
 
-from pipeline import models, predictions, train
+from pipeline import io, models, paths, train
 from pipeline.params import Head
 
 
-def build(input_shape, n_classes: int, p: Head, name: str = "head", stats=None) -> keras.Model:
+class Recipe(Head):
+    """A head's params with its design decided: the features it reads and the flips it trains on and averages over."""
+    design: str = "map_h"
+    features: str = "map"  # map | pooled
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+
+
+def recipe(p: Head, design: str, **update) -> Recipe:
+    """The head params `p` as design `design` (one of `params.DESIGNS`): pooled, map, map_h or map_hv."""
+    return Recipe(**{**p.model_dump(), "design": design, "features": "pooled" if design == "pooled" else "map",
+                     "horizontal_flip": design in ("map_h", "map_hv"), "vertical_flip": design == "map_hv", **update})
+
+
+def build(input_shape, n_classes: int, p: Recipe, name: str = "head", stats=None) -> keras.Model:
     """A classifier on the backbone's features, sigmoid for 2 classes, softmax for more.
 
     On a feature map (H, W, C): per-channel standardisation (`stats` = (mean, variance) of the training features),
@@ -17,8 +32,6 @@ def build(input_shape, n_classes: int, p: Head, name: str = "head", stats=None) 
     convolutions of `conv_filters` (a small detector for local defects, max- and average-pooled over the map) or,
     with `conv_filters: 0`, global average pooling. Then dropout, an optional dense layer of `hidden` units,
     dropout and the output. A flat (D,) feature vector skips the map-only parts."""
-    if p.vertical_flip == "auto":
-        raise ValueError("head.build takes decided flips: resolve `vertical_flip: auto` first (head.candidates)")
     inputs = keras.Input(input_shape, name=f"{name}_features")
     x = inputs
     if stats is not None:
@@ -56,9 +69,10 @@ def feature_stats(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarr
     return mean.astype(np.float32), np.maximum(sq / n - mean * mean, 1e-6).astype(np.float32)
 
 
-def train_head(train_xy, val_xy, n_classes: int, p: Head, seed: int, name: str = "head", epochs: int | None = None,
+def train_head(train_xy, val_xy, n_classes: int, p: Recipe, seed: int, name: str = "head", epochs: int | None = None,
                callbacks=(), verbose: int = 2):
-    """Fit a fresh head on (features, labels) pairs; returns the model (best val_loss weights) and its history."""
+    """Fit a fresh head on (features, labels) pairs; returns the model and its history. With `val_xy`, the weights
+    of the best val_loss (early stopping); without, exactly `epochs` epochs (a refit)."""
     train.seed(seed)
     head = build(train_xy[0].shape[1:], n_classes, p, name, stats=feature_stats(train_xy[0]))
     model = train.compile_for(head, n_classes, p.learning_rate)
@@ -73,38 +87,23 @@ def backbone_of(meta: dict) -> dict:
     return {k: meta[k] for k in ("name", "label", "weights", "cut_layer")}
 
 
-def candidates(p: Head) -> list[Head]:
-    """The head designs to try, each as fully resolved params: `design: auto` tries the convolutional head on the
-    finer map and the pooled top; `vertical_flip: auto` tries the map head with and without vertical flips (a
-    solar cell upside down is still a solar cell, a cat is not). The pooled top is a vector: flips do not apply."""
-    designs = ["map", "pooled"] if p.design == "auto" else [p.design]
-    out = []
-    for d in designs:
-        flips = [False, True] if p.vertical_flip == "auto" and d == "map" else [p.vertical_flip is True]
-        out += [p.model_copy(update={"design": d, "vertical_flip": v}) for v in flips]
-    return out
-
-
-def flips_of(p: Head) -> tuple[tuple[int, ...], ...]:
+def flips_of(p: Recipe) -> tuple[tuple[int, ...], ...]:
     """The feature-map flips design `p` trains on and averages over (`models.flip_axes`); none for the pooled top."""
-    return models.flip_axes(p) if p.design == "map" else ((),)
+    return models.flip_axes(p) if p.features == "map" else ((),)
 
 
-def design_name(p: Head) -> str:
-    flips = "+".join(f for f, on in (("h", p.horizontal_flip), ("v", p.vertical_flip)) if on) or "none"
-    return f"{p.design}" + (f" (flips {flips})" if p.design == "map" else "")
+def chosen(p: Head) -> Recipe:
+    """The recipe the choose stage chose by cross-validation (`data/cv/recipe.json`): the design, and the epoch count
+    a refit on all of train+val trains for."""
+    if not paths.RECIPE.exists():
+        raise FileNotFoundError(f"{paths.RECIPE} not found: run `dvc repro choose`")
+    r = io.read_json(paths.RECIPE)
+    return recipe(p, r["design"], epochs=r["epochs"])
 
 
-def chosen(p: Head) -> Head:
-    """The head stage's chosen design (models/head.json) as resolved params: what bagging and kfold train."""
-    d = models.read_meta("head")["design"]
-    return p.model_copy(update={"design": d["features"], "vertical_flip": d["vertical_flip"],
-                                "horizontal_flip": d["horizontal_flip"]})
-
-
-def fit_design(p: Head, data: dict, n_classes: int, seed: int, verbose: int = 2):
-    """Train a head of design `p` on its kind of features; (model, history, {split: probabilities}) with the
-    probabilities averaged over the design's flips for the validation and test splits."""
-    model, history = train_head(data["train"], data["val"], n_classes, p, seed, verbose=verbose)
-    flips = flips_of(p)
-    return model, history, {s: predictions.probabilities(model, data[s][0], flips=flips) for s in ("val", "test")}
+def inner_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to fit, rows to stop early on): a tenth of a fold's training rows watched by early stopping, never the
+    rows the fold holds out."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = max(1, n // 10)
+    return np.sort(order[cut:]), np.sort(order[:cut])

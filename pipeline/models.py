@@ -70,25 +70,6 @@ def flip_axes(p) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-def validation_scores(y: np.ndarray, prob: np.ndarray) -> dict:
-    """What every choice made on validation reads: the threshold chosen there, the accuracy at it and the log loss."""
-    from sklearn.metrics import log_loss
-
-    prob = np.asarray(prob)
-    t = choose_threshold(y, prob)
-    n = 2 if prob.ndim == 1 else prob.shape[1]
-    return {"threshold": t, "accuracy": float((labels(prob, t) == y).mean()),
-            "log_loss": float(log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=np.arange(n)))}
-
-
-CHOICE_RULE = "validation accuracy at the threshold chosen on validation; ties: lower validation log loss"
-
-
-def choice_key(scores: dict) -> tuple[float, float]:
-    """The order of candidates judged on validation (`validation_scores`), as `CHOICE_RULE` says."""
-    return scores["accuracy"], -scores["log_loss"]
-
-
 def threshold_of(meta: dict) -> float:
     """The recorded decision threshold (0.5 when none, or NaN for an argmax model)."""
     t = meta.get("threshold")

@@ -6,7 +6,7 @@ names the file, the key and what is allowed, before any work is done.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -107,8 +107,15 @@ class Extract(Section):
     dtype: Literal["float16", "float32"] = "float16"
 
 
+# Head designs, simplest first (the order the one-standard-error rule prefers, `pipeline.selection`): the pooled top
+# (a vector), or a convolutional head on the feature map trained on and averaged over no flips, left-right flips
+# (h), or left-right and upside-down flips (hv)
+Design = Literal["pooled", "map", "map_h", "map_hv"]
+DESIGNS = get_args(Design)
+
+
 class Head(Section):
-    design: Literal["auto", "map", "pooled"] = "auto"
+    designs: list[Design] = Field(["pooled", "map_h", "map_hv"], min_length=1)  # the candidates CV compares
     conv_filters: int = Field(64, ge=0)
     conv_layers: int = Field(2, ge=1, le=4)
     hidden: int = Field(0, ge=0)
@@ -116,10 +123,15 @@ class Head(Section):
     learning_rate: float = Field(1e-3, gt=0)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
-    patience: int = Field(8, ge=1)
+    patience: int = Field(5, ge=1)
     class_weight: Literal["balanced", "none"] = "balanced"
-    horizontal_flip: bool = True
-    vertical_flip: Union[Literal["auto"], bool] = False   # auto: the head stage tries both on validation
+
+    @field_validator("designs")
+    @classmethod
+    def _once(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a design twice")
+        return v
 
 
 class Augment(Section):
@@ -129,7 +141,7 @@ class Augment(Section):
     shear: float = Field(0.1, ge=0, lt=1.5)
     zoom: float = Field(0.1, ge=0, lt=1)
     horizontal_flip: Optional[bool] = True
-    vertical_flip: Optional[bool] = False   # fine-tuning: null = as the head's chosen design
+    vertical_flip: Optional[bool] = False   # fine-tuning: null = as the chosen design
 
 
 class Finetune(Section):
@@ -145,7 +157,7 @@ class Finetune(Section):
 
 
 class Bagging(Section):
-    members: list[int] = Field([0, 1, 2, 3], min_length=1)
+    members: list[int] = Field([1, 2, 3], min_length=0)  # seeds of the members CV may add to the head, in order
     backbones: list[str] = []  # member i trains on the features of backbones[i % len]; [] = backbone.name only
     sample_fraction: float = Field(1.0, gt=0, le=1)
 
@@ -158,10 +170,16 @@ class Bagging(Section):
             raise ValueError(f"{v} names a backbone twice: each one's members are already its seeds")
         return v
 
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a member twice")
+        return v
 
-class Kfold(Section):
-    folds: list[int] = [0, 1, 2, 3, 4]
-    epochs: int = Field(30, ge=1)
+
+class Cv(Section):
+    folds: list[int] = Field([0, 1, 2, 3, 4], min_length=2)  # which of split.folds cross-validation uses
 
 
 class Gate(Section):
@@ -200,7 +218,7 @@ class Params(Section):
     head: Head = Head()
     finetune: Finetune = Finetune()
     bagging: Bagging = Bagging()
-    kfold: Kfold = Kfold()
+    cv: Cv = Cv()
     evaluate: Evaluate = Evaluate()
     tracking: Tracking = Tracking()
     schedule: Schedule = Schedule()
@@ -209,9 +227,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _folds_exist(self):
-        bad = [f for f in self.kfold.folds if not 0 <= f < self.split.folds]
-        if bad:
-            raise ValueError(f"kfold.folds {bad} do not exist: split.folds is {self.split.folds}, so folds are 0..{self.split.folds - 1}")
+        bad = [f for f in self.cv.folds if not 0 <= f < self.split.folds]
+        if bad or len(set(self.cv.folds)) != len(self.cv.folds):
+            raise ValueError(f"cv.folds {list(self.cv.folds)} must be distinct folds of split.folds ({self.split.folds}: "
+                             f"folds 0..{self.split.folds - 1}); cross-validation makes every choice, so split.folds "
+                             f"must be at least 2")
         if "finetune" in self.evaluate.models and not self.finetune.start_from:
             raise ValueError("evaluate.models lists finetune but no stage fine-tunes: set finetune.start_from: [head] "
                              "(or take finetune out of evaluate.models)")

@@ -1,4 +1,4 @@
-"""The gated model registry: the model evaluate selected (on validation), logged as a pyfunc (`pipeline.serving`)
+"""The gated model registry: the model evaluate selected (by cross-validation), logged as a pyfunc (`pipeline.serving`)
 and registered as `tracking.register_as` if it passes `evaluate.gate` and, with --if-better, scores better than the
 registered version on the current test split (both loaded as pyfunc models, scored on the same images).
 
@@ -48,7 +48,7 @@ def latest_version(client, name: str):
 
 def register(if_better: bool = False) -> str:
     """Log the model evaluate selected as a pyfunc (`pipeline.serving`); register it if it passes the gate on its
-    validation figures and, with `if_better`, beats the registered version on the current test split."""
+    out-of-fold (CV) figures and, with `if_better`, beats the registered version on the current test split."""
     from pipeline import models, serving
 
     prm = params.load()
@@ -57,9 +57,11 @@ def register(if_better: bool = False) -> str:
     if not name or name not in report.get("models", {}):
         return f"not registered: {paths.METRICS / 'evaluate.json'} names no selected model (rerun `dvc repro evaluate`)"
     scores = report["models"][name]
-    failures = gate_failures(scores["val"], prm.evaluate.gate)
+    if not scores.get("cv"):
+        return f"not registered: {name} was not cross-validated; evaluate.gate reads CV figures"
+    failures = gate_failures(scores["cv"], prm.evaluate.gate)
     if failures:
-        return (f"not registered: {name} fails evaluate.gate on validation: {'; '.join(failures)} "
+        return (f"not registered: {name} fails evaluate.gate on its out-of-fold (CV) figures: {'; '.join(failures)} "
                 f"(the gate asks accuracy >= {prm.evaluate.gate.min_accuracy}, ROC AUC >= {prm.evaluate.gate.min_roc_auc})")
     mlflow, client, exp_id = tracking.setup(prm.tracking)
     registered_as = prm.tracking.register_as
@@ -87,7 +89,7 @@ def register(if_better: bool = False) -> str:
             "selected_by": report.get("selected_by", ""), "mlflow.parentRunId": parent, **tracking.lineage_tags(info)}
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=f"register {name}", tags=tags):
-            mlflow.log_metrics({f"{split}_{k}": float(v) for split in ("val", "test")
+            mlflow.log_metrics({f"{split}_{k}": float(v) for split in ("cv", "test")
                                 for k, v in scores[split].items() if isinstance(v, (int, float))})
             if comparison:
                 mlflow.log_metrics({k: float(v) for k, v in comparison.items()
@@ -97,10 +99,10 @@ def register(if_better: bool = False) -> str:
         tracking.settle_parent(client, exp_id, rid, parent)
     version = str(logged.registered_model_version)
     for k, v in {**tracking.lineage_tags(info), "model": name, "selected_by": report.get("selected_by", ""),
-                 "val_accuracy": f"{scores['val']['accuracy']:.4f}", "test_accuracy": f"{scores['test']['accuracy']:.4f}"}.items():
+                 "cv_accuracy": f"{scores['cv']['accuracy']:.4f}", "test_accuracy": f"{scores['test']['accuracy']:.4f}"}.items():
         client.set_model_version_tag(registered_as, version, k, v)
-    return (f"registered {name} as '{registered_as}' version {version} (val accuracy "
-            f"{scores['val']['accuracy']:.4f}, test {scores['test']['accuracy']:.4f}): {logged.model_uri}")
+    return (f"registered {name} as '{registered_as}' version {version} (CV accuracy "
+            f"{scores['cv']['accuracy']:.4f}, test {scores['test']['accuracy']:.4f}): {logged.model_uri}")
 
 
 def main(argv=None) -> int:

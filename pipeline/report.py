@@ -187,18 +187,22 @@ def _table(frame: pd.DataFrame, marked: str | None = None) -> str:
 def metrics_frame(results: dict) -> pd.DataFrame:
     rows = []
     for name, r in results.items():
+        cv = r["cv"] or {}
         rows.append({"model": name, "threshold": f"{r['threshold']:.3f}",
-                     **{f"{s} {k}": f"{r[s][k]:.4f}" for s in ("val", "test")
-                        for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss") if k in r[s]}})
+                     "CV accuracy (mean ± SD over folds)": f"{cv['accuracy_mean']:.4f} ± {cv['accuracy_sd']:.4f}"
+                     if cv else "not cross-validated",
+                     **{f"{s} {k}": f"{r[s][k]:.4f}" if r[s] else "-" for s in ("cv", "test")
+                        for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")}})
     return pd.DataFrame(rows)
 
 
 def per_class_frame(result: dict) -> pd.DataFrame:
-    """Precision, recall and F1 of each class of one model, on validation and test."""
+    """Precision, recall and F1 of each class of one model, out of fold (CV) and on test."""
     classes = list(result["test"].get("per_class", {}))
+    splits = [s for s in ("cv", "test") if result[s]]
     return pd.DataFrame([{"class": c, **{f"{s} {k}": (f"{result[s]['per_class'][c][k]:.4f}" if k != "n" else
                                                      str(result[s]['per_class'][c][k]))
-                                         for s in ("val", "test") for k in ("precision", "recall", "f1", "n")}}
+                                         for s in splits for k in ("precision", "recall", "f1", "n")}}
                          for c in classes])
 
 
@@ -244,8 +248,9 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
              "<h2>Data</h2>", data_section(),
              "<h2>Training curves: diagnosis</h2>", diagnosis_section(found),
              "<h2>Models</h2>",
-             f"<p>Selected: <b>{html.escape(selected)}</b>, by {html.escape(selected_by)}. Test figures are reported "
-             f"for every model and used for no choice.</p>", _table(metrics_frame(results), marked=selected),
+             f"<p>Delivered: <b>{html.escape(selected)}</b>, by {html.escape(selected_by)}. CV figures are out-of-fold "
+             f"over train+val; test figures are reported for every model and used for no choice.</p>",
+             _table(metrics_frame(results), marked=selected),
              f"<p>Per class, {html.escape(selected)}:</p>", _table(per_class_frame(results[selected])),
              *(f"<p>{html.escape(n)}</p>" for n in notes),
              "<h2>Figures</h2>", *(_img(p, alt) for p, alt in pictures if Path(p).exists())]
@@ -257,7 +262,7 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
 
 def build(results: dict, selected: str, selected_by: str, trained: list[str], predictions: dict,
           out_dir: Path) -> Path:
-    """Diagnose the histories of what params name (`trained`: `head`, `bagging/member_0`, `kfold/fold_1`, ...), draw
+    """Diagnose the histories of what params name (`trained`: `head`, `cv/map_h/fold_1`, `ensemble/member_1`, ...), draw
     the gallery and the overlays of the selected model (`predictions`: its prediction file) into `out_dir`, write
     the page."""
     classes = [str(c) for c in io.read_json(paths.CACHE_DIR / "meta.json")["classes"]]
@@ -282,7 +287,8 @@ def build(results: dict, selected: str, selected_by: str, trained: list[str], pr
         notes.append(f"No Grad-CAM overlays: {e}.")
     curves = [(paths.PLOTS / name / "learning_curves.png", f"learning curves: {name}") for name in trained
               if "/" not in name]
-    pictures = curves + [(out_dir / "roc_calibration.png", "ROC and calibration, test split"),
+    pictures = curves + [(paths.PLOTS / "cv" / "candidates.png", "head designs compared by cross-validation"),
+                         (out_dir / "roc_calibration.png", "ROC and calibration, test split"),
                          (out_dir / "confusion.png", "confusion matrices, test split")] + pictures
     page = write_page(REPORT, title="transfer-pipeline report", results=results, selected=selected,
                       selected_by=selected_by, found=found, pictures=pictures, notes=notes)

@@ -1,4 +1,4 @@
-"""The training loop shared by head, finetune, bagging and kfold: seeding, compile, class weights, and `fit` with
+"""The training loop shared by cv, head, finetune, bagging and ensemble: seeding, compile, class weights, and `fit` with
 its callbacks (the best weights by val_loss kept, early stopping, a lower learning rate on plateaus)."""
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict | None:
 
 def fit(model, train, val, *, epochs, batch_size, patience, class_weight=None, extra_callbacks=(), verbose=2):
     """Shuffled every epoch; keeps the weights of the best val_loss (ModelCheckpoint), stops early, lowers the LR.
+    Without `val` (a refit on everything that is not test), exactly `epochs` epochs at the given learning rate.
 
     `train`/`val` are (x, y) arrays or `loader.Batches`. Returns the history, one row per epoch."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,8 +47,8 @@ def fit(model, train, val, *, epochs, batch_size, patience, class_weight=None, e
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
             keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True, save_weights_only=True),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 3)),
-            *extra_callbacks,
-        ]
+        ] if val is not None else []
+        callbacks += list(extra_callbacks)
         if isinstance(train, tuple):
             history = model.fit(*train, validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True,
                                 class_weight=class_weight, callbacks=callbacks, verbose=verbose)

@@ -31,11 +31,11 @@ TINY_PARAMS = {
     "backbone": {"name": "small_cnn", "weights": "none"},
     "extract": {"batch_size": 16},
     # the toy classes differ left from right: no left-right flips here (tests of the flips use their own data)
-    "head": {"conv_filters": 8, "hidden": 16, "epochs": 6, "batch_size": 8, "patience": 3, "learning_rate": 0.01,
-             "horizontal_flip": False, "vertical_flip": False},
+    "head": {"designs": ["pooled", "map"], "conv_filters": 8, "hidden": 16, "epochs": 6, "batch_size": 8,
+             "patience": 3, "learning_rate": 0.01},
     "finetune": {"start_from": ["head"], "epochs": 1, "batch_size": 8, "augment": {"horizontal_flip": False}},
-    "bagging": {"members": [0, 1], "backbones": []},
-    "kfold": {"folds": [0, 1], "epochs": 3},
+    "bagging": {"members": [1], "backbones": []},
+    "cv": {"folds": [0, 1]},
     "evaluate": {"models": ["head", "finetune", "bagging"], "gate": {"min_accuracy": 0.0, "min_roc_auc": 0.0}},
 }
 
@@ -99,7 +99,8 @@ def set_params(over: dict) -> None:
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
 
 
-STAGE_ARG = {"bagging": "member", "kfold": "fold", "finetune": "start-from"}  # the option a `stage@item` passes
+# the options a `stage@item` passes: foreach stages one, matrix stages (`cv@map-0`) one per value, joined by "-"
+STAGE_ARGS = {"bagging": ("member", "fold"), "cv": ("design", "fold"), "finetune": ("start-from",)}
 
 
 def run_stages(*stages: str) -> None:
@@ -109,16 +110,20 @@ def run_stages(*stages: str) -> None:
     for stage in stages:
         name, _, arg = stage.partition("@")
         module = importlib.import_module(f"pipeline.{name}")
-        argv = [] if not arg else [f"--{STAGE_ARG[name]}", arg]
+        values = arg.rsplit("-", len(STAGE_ARGS[name]) - 1) if arg else []
+        argv = [w for option, v in zip(STAGE_ARGS.get(name, ()), values) for w in (f"--{option}", v)]
         assert module.main(argv) == 0, f"stage {stage} failed"
 
 
 UPSTREAM = ("split", "validate", "cache", "extract")
+CV = tuple(f"cv@{d}-{k}" for d in TINY_PARAMS["head"]["designs"] for k in TINY_PARAMS["cv"]["folds"]) + ("choose",)
+MEMBERS = tuple(f"bagging@{m}-{k}" for m in TINY_PARAMS["bagging"]["members"] for k in TINY_PARAMS["cv"]["folds"])
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """One tiny project run through extract and head, shared read-only by the model-stage tests.
+    """One tiny project run through extract, cross-validation, choose and the head's refit, shared read-only by the
+    model-stage tests.
 
     Tests that write copy it first with `fresh_copy`."""
     tmp = tmp_path_factory.mktemp("trained")
@@ -129,7 +134,7 @@ def trained(tmp_path_factory):
     os.environ.update(env)
     try:
         with chdir(dest):
-            run_stages(*UPSTREAM, "head")
+            run_stages(*UPSTREAM, *CV, "head")
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -46,9 +46,9 @@ def test_the_run_spreads_over_both_workers_in_parallel(run):
     assert {t["state"] for t in tis} == {"success"}, [(cluster_check.task_key(t), t["state"]) for t in tis]
     # each task instance records the worker that ran it (Airflow's hostname_callable): both did work
     assert {t["hostname"] for t in tis} == {"w1", "w2"}
-    # bagging members and folds are mapped tasks; two of them ran at the same time
-    mapped = [t for t in tis if t["task_id"] in ("bagging", "kfold")]
-    assert len(mapped) == 4 and {t["map_index"] for t in mapped} == {0, 1}
+    # designs x folds and bagging members x folds are mapped tasks; two of them ran at the same time
+    mapped = [t for t in tis if t["task_id"] in cluster_check.MAPPED]
+    assert len(mapped) == 4 + 2 and {t["map_index"] for t in mapped} == {0, 1, 2, 3}
     assert cluster_check.max_overlap(mapped) > 0
 
 
@@ -70,8 +70,8 @@ def test_a_killed_worker_costs_one_retry_on_the_other(run):
 def test_mlflow_holds_one_finished_run_per_stage(run):
     report, state = run
     runs = cluster_check.mlflow_stage_runs(state, report["dag_run"]["run_id"], "transfer-learning")
-    stages = {"split", "validate", "extract", "head", "bagging@0", "bagging@1", "ensemble", "kfold@0",
-              "kfold@1", "evaluate", "register"}
+    stages = {"split", "validate", "extract", "cv@pooled-0", "cv@map-1", "choose", "head", "bagging@1-0",
+              "bagging@1-1", "ensemble", "evaluate", "register"}
     assert stages <= set(runs), sorted(runs)
     for stage, statuses in runs.items():
         assert statuses.count("FINISHED") == 1 and set(statuses) <= {"FINISHED", "KILLED"}, (stage, statuses)

@@ -25,15 +25,14 @@ DAGS = ROOT / "dags"
 BIN = Path(sys.executable).parent
 HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "torch")
 # with the project's params.yaml: fine-tuning is opt-in (`finetune.start_from: []`), so DVC has no finetune stage
-STAGES = ("sources", "split", "validate", "cache", "extract", "head", "bagging", "ensemble", "kfold", "evaluate")
+STAGES = ("sources", "split", "validate", "cache", "extract", "cv", "choose", "head", "bagging", "ensemble", "evaluate")
 
 # The tiny project's params: TINY_PARAMS (conftest) with 1-2 epochs everywhere and no retries, so a failing
 # stage fails the DAG run at once.
 DAG_PARAMS = merge(TINY_PARAMS, {
     "head": {"epochs": 2, "patience": 1},
     "finetune": {"epochs": 1},
-    "kfold": {"epochs": 1},
-    "bagging": {"members": [0, 1]},
+    "bagging": {"members": [1]},
     "schedule": {"retries": 0, "gpu_slots": 1},
 })
 
@@ -123,17 +122,19 @@ def test_pipeline_dag_structure(dagbag):
     assert dag["max_active_runs"] == params["schedule"]["max_active_runs"] == 1
     up = {t: set(v["upstream"]) for t, v in tasks.items()}
     assert up == {"commit": set(), "sources": {"commit"}, "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
-                  "extract": {"cache"}, "head": {"extract"}, "bagging": {"head"},
-                  "ensemble": {"bagging"}, "kfold": {"head"}, "evaluate": {"ensemble", "kfold"},
+                  "extract": {"cache"}, "cv": {"extract"}, "choose": {"cv"}, "head": {"choose"}, "bagging": {"choose"},
+                  "ensemble": {"bagging", "head"}, "evaluate": {"ensemble"},
                   "register": {"evaluate"}}
-    assert {t for t, v in tasks.items() if v["mapped"]} == {"bagging", "kfold"}
-    assert dag["expand"] == {"bagging": params["bagging"]["members"], "kfold": params["kfold"]["folds"]}
-    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "bagging"}
-    assert {tasks[t]["queue"] for t in ("extract", "bagging")} == {params["schedule"]["gpu_queue"]}
+    assert {t for t, v in tasks.items() if v["mapped"]} == {"cv", "bagging"}
+    folds = params["cv"]["folds"]  # a matrix stage: one mapped task instance per combination, as DVC names them
+    assert dag["expand"] == {"cv": [f"{d}-{k}" for d in params["head"]["designs"] for k in folds],
+                             "bagging": [f"{m}-{k}" for m in params["bagging"]["members"] for k in folds]}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "bagging"}
+    assert {tasks[t]["queue"] for t in ("extract", "cv", "bagging")} == {params["schedule"]["gpu_queue"]}
     assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for t, v in tasks.items()
                if t != "commit")
     # an empty foreach list skips its mapped task; that must not skip what follows
-    assert tasks["evaluate"]["trigger_rule"] == tasks["ensemble"]["trigger_rule"] == "none_failed"
+    assert tasks["choose"]["trigger_rule"] == tasks["ensemble"]["trigger_rule"] == "none_failed"
 
 
 def test_retrain_dag_structure(dagbag):
@@ -145,17 +146,18 @@ def test_retrain_dag_structure(dagbag):
     assert tasks["commit"]["upstream"] == ["new_data"] and tasks["sources"]["upstream"] == ["commit"]
     assert tasks["register"]["upstream"] == ["evaluate"]
     assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
-    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "bagging"}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "bagging"}
 
 
 def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):
     common = load_common()
-    cmd = common.stage_command("bagging@3", ["models/bagging/member_3.keras"], ROOT)
+    cmd = common.stage_command("bagging@3-0", ["data/cv/bagging/member_3/fold_0.npz"], ROOT)
     assert f"export PATH={common.venv_bin(ROOT)}:" in cmd and f"cd {ROOT}" in cmd
-    assert "python -m pipeline.workspace stage bagging@3 && echo" in cmd
+    assert "python -m pipeline.workspace stage bagging@3-0 && echo" in cmd
     graph = common.stage_graph(ROOT)
-    assert graph["bagging"]["item_outs"][0][:3] == ["models/bagging/member_0.keras", "models/bagging/member_0.json",
-                                                    "data/predictions/bagging/member_0.npz"]
+    assert graph["bagging"]["item_outs"]["1-0"][:2] == ["data/cv/bagging/member_1/fold_0.npz",
+                                                        "plots/cv/bagging/member_1/fold_0/history.csv"]
+    assert graph["cv"]["item_outs"]["map_hv-4"][0] == "data/cv/designs/map_hv/fold_4.npz"
     assert "finetune" not in graph  # opt-in: no instance while finetune.start_from is empty, as in DVC
     params = merge(common.load_params(ROOT), {"finetune": {"start_from": ["head"]}})
     graph = common.stage_graph(ROOT, params)
@@ -285,9 +287,9 @@ def test_pipeline_dag_end_to_end(airflow_project):
     proc = run([BIN / "airflow", "dags", "test", "transfer_pipeline", "-f", p.root / "dags" / "pipeline_dag.py"],
                p.env, p.root, timeout=1500)
     for out in ["data/split.csv", "data/validate/report.json", "data/cache/train_x.npy", "data/features/train_x.npy",
-                "models/head.keras", "models/finetune.keras", "models/bagging/member_0.keras",
-                "models/bagging/member_1.keras", "data/predictions/bagging/member_1.npz",
-                "metrics/kfold/fold_0.json", "metrics/kfold/fold_1.json", "metrics/evaluate.json"]:
+                "data/cv/designs/map/fold_1.npz", "data/cv/recipe.json", "data/cv/oof.csv", "models/head.keras",
+                "models/finetune.keras", "data/cv/bagging/member_1/fold_0.npz", "models/bagging.keras",
+                "metrics/cv.json", "metrics/cv_bagging.json", "metrics/evaluate.json"]:
         assert (p.root / out).exists(), f"{out} missing after the DAG run:\n{proc.stdout[-4000:]}"
     assert "device: CPU" in proc.stdout or "device: GPU" in proc.stdout  # stages say where they ran
 
@@ -297,7 +299,8 @@ def test_pipeline_dag_end_to_end(airflow_project):
     parent = parents[0]
     assert parent["tags"]["pipeline_run_id"].startswith("manual__")  # the Airflow run id
     nested = [r["tags"]["stage"] for r in found if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
-    expected = {"extract", "head", "finetune", "bagging@0", "bagging@1", "kfold@0", "kfold@1", "evaluate"}
+    expected = {"extract", "cv@pooled-0", "cv@map-1", "choose", "head", "finetune", "bagging@1-0", "bagging@1-1",
+                "ensemble", "evaluate"}
     assert expected <= set(nested), nested
     assert len(nested) == len(set(nested)), f"duplicate nested runs: {nested}"
     states = task_states(p, "transfer_pipeline")[-1]
@@ -338,7 +341,7 @@ def test_retrain_dag_end_to_end(airflow_project):
     run([BIN / dag[0], *dag[1:]], p.env, p.root, timeout=600)  # nothing changed since
     first, second = task_states(p, "retrain_on_new_data")
     assert set(first.values()) == {"success"}, first
-    assert {"register", "record_hash", "evaluate", "split", "bagging@1", "kfold@0"} <= set(first)
+    assert {"register", "record_hash", "evaluate", "split", "bagging@1", "cv@0", "choose"} <= set(first)
     assert second.pop("new_data") == "success"
     assert set(second.values()) == {"skipped"} and {"evaluate", "register", "record_hash"} <= set(second), second
     assert mlflow_runs(p.mlflow_uri)["versions"] == versions

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_PARAMS, copy_project, make_folder
+from conftest import CV, MEMBERS, ROOT, TINY_PARAMS, copy_project, make_folder
 from pipeline import paths
 
 
@@ -17,7 +17,8 @@ def test_dvc_yaml_paths_match_the_stages():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     declared = json.dumps(stages)
     for p in (paths.SPLIT_TABLE, paths.SPLIT_SUMMARY, paths.VALIDATE_REPORT, paths.VALIDATE_SUMMARY, paths.CACHE_DIR,
-              paths.FEATURES_DIR, paths.FEATURES_BY_BACKBONE, paths.PREDICTIONS_DIR, paths.METRICS / "evaluate.json"):
+              paths.FEATURES_DIR, paths.FEATURES_BY_BACKBONE, paths.PREDICTIONS_DIR, paths.METRICS / "evaluate.json",
+              paths.RECIPE, paths.OOF_TABLE, paths.CV_DIR / "designs", paths.CV_DIR / "bagging"):
         assert str(p) in declared, p
     for name, stage in stages.items():
         body = stage.get("do", stage)
@@ -52,12 +53,12 @@ def repo(tmp_path_factory):
 def test_repro_then_noop_then_one_param(repo):
     dest, env, _ = repo
     first = sh("dvc repro", dest, env)
-    all_stages = {"sources", "split", "validate", "cache", "extract", "head", "finetune@head", "bagging@0", "bagging@1",
-                  "ensemble", "kfold@0", "kfold@1", "evaluate"}
+    all_stages = {"sources", "split", "validate", "cache", "extract", *CV, "head", "finetune@head", *MEMBERS,
+                  "ensemble", "evaluate"}
     assert ran(first) == all_stages
     report = json.loads((dest / "metrics/evaluate.json").read_text())
     assert report["models"]["head"]["test"]["n"] == 4  # 10 per class: 5 train, 3 val, 2 test
-    assert report["selected"] in {"head", "finetune", "bagging"} and "validation" in report["selected_by"]
+    assert report["selected"] in {"head", "finetune", "bagging"} and "cross-validation" in report["selected_by"]
     second = sh("dvc repro", dest, env)
     assert ran(second) == {"sources"}  # it lists the data folder on every repro; nothing changed, nothing follows
     sh("git add -A && git -c user.name=t -c user.email=t@t commit -qm repro", dest, env)
@@ -68,8 +69,9 @@ def test_repro_then_noop_then_one_param(repo):
              for row in shown for run in (row.get("experiments") or []) for e in run["revs"]]
     assert 0.001 in tried
     assert "metrics/evaluate.json" in sh("dvc metrics diff --all HEAD", dest, env)
-    member = sh("dvc exp run -S 'bagging.members=[0,1,2]'", dest, env)
-    assert ran(member) == {"sources", "bagging@2", "ensemble", "evaluate"}  # one more member, one more model
+    member = sh("dvc exp run -S 'bagging.members=[1,2]'", dest, env)
+    # one more candidate member: its folds, and the choice of how many join the head
+    assert ran(member) == {"sources", "bagging@2-0", "bagging@2-1", "ensemble", "evaluate"}
 
 
 def test_plots_and_metrics_render(repo):

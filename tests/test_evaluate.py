@@ -1,13 +1,13 @@
-"""Evaluate stage: metrics match sklearn on the same predictions; the threshold and the selected model come from
-validation, never from test; exactly the models, members and folds params name are read."""
+"""Evaluate stage: metrics match sklearn on the same predictions; the threshold and the delivered model come from
+cross-validation, never from test; exactly the models params name are read."""
 import json
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import run_stages, set_params
-from pipeline import evaluate, models, paths
+from conftest import MEMBERS, run_stages, set_params
+from pipeline import evaluate, features, models, paths
 
 
 def test_metrics_match_sklearn():
@@ -33,65 +33,59 @@ def test_multiclass_metrics():
     assert got["f1"] == pytest.approx(skm.f1_score(y, prob.argmax(1), average="macro"))
 
 
-def test_threshold_is_chosen_on_validation_not_test():
-    val_y = np.array([0, 0, 0, 1, 1, 1])
-    val_prob = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.9])  # best split between 0.3 and 0.35
-    t = models.choose_threshold(val_y, val_prob)
-    assert 0.3 < t <= 0.35
-    test_y = np.array([1, 1])
-    test_prob = np.array([0.34, 0.6])  # a threshold chosen on test (<= 0.34) would score 1.0
-    results = evaluate.evaluate({"m": {"val_y": val_y, "val_prob": val_prob, "test_y": test_y, "test_prob": test_prob}})
-    assert results["m"]["threshold"] == t and results["m"]["test"]["accuracy"] == 0.5
+def test_each_model_is_scored_at_its_recorded_threshold_out_of_fold_and_on_test():
+    cv_y, cv_fold = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 0, 1])
+    cv_prob = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.9])
+    test_y, test_prob = np.array([1, 1]), np.array([0.34, 0.6])  # a threshold chosen on test (<= 0.34) would score 1.0
+    scored = {"m": {"cv_y": cv_y, "cv_prob": cv_prob, "cv_fold": cv_fold, "test_y": test_y, "test_prob": test_prob},
+              "f": {"test_y": test_y, "test_prob": test_prob}}  # not cross-validated (fine-tuning)
+    results = evaluate.evaluate(scored, {"m": 0.35, "f": 0.5})
+    m = results["m"]
+    assert m["threshold"] == 0.35 and m["test"]["accuracy"] == 0.5 and m["cv"]["accuracy"] == 1.0
+    assert m["cv"]["accuracy_mean"] == 1.0 and m["cv"]["folds"] == 2
+    assert results["f"]["cv"] is None and results["f"]["test"]["n"] == 2
 
 
-def test_selection_reads_validation_only():
-    """The test-best and the validation-best model differ: the validation one is selected, whatever test says."""
+def test_the_delivered_model_follows_the_cv_choice_never_test():
+    """Delivered: bagging when cross-validation kept members beside the head, else the head, whatever test says."""
     y = np.array([0, 0, 1, 1])
-    good_on_val = {"val_y": y, "val_prob": np.array([0.1, 0.2, 0.8, 0.9]),
-                   "test_y": y, "test_prob": np.array([0.9, 0.2, 0.1, 0.9])}  # 50 % on test
-    good_on_test = {"val_y": y, "val_prob": np.array([0.9, 0.2, 0.8, 0.1]),   # 50 % on val
-                    "test_y": y, "test_prob": np.array([0.1, 0.2, 0.8, 0.9])}
-    results = evaluate.evaluate({"a": good_on_val, "b": good_on_test})
-    assert results["b"]["test"]["accuracy"] > results["a"]["test"]["accuracy"]
-    assert evaluate.select(results) == "a"
-    poisoned = {k: {**v, "test": {**v["test"], "accuracy": 1.0, "log_loss": 0.0}} for k, v in results.items()}
-    assert evaluate.select(poisoned) == "a"  # test figures cannot move it
-    tie = {"a": good_on_val, "c": {**good_on_val, "val_prob": np.array([0.4, 0.45, 0.55, 0.6])}}
-    assert evaluate.select(evaluate.evaluate(tie)) == "a"  # same val accuracy: lower val log loss wins
+    good_on_test = {"test_y": y, "test_prob": np.array([0.1, 0.2, 0.8, 0.9])}
+    bad_on_test = {"test_y": y, "test_prob": np.array([0.9, 0.2, 0.1, 0.9])}
+    results = evaluate.evaluate({"head": good_on_test, "bagging": bad_on_test}, {"head": 0.5, "bagging": 0.5})
+    assert results["head"]["test"]["accuracy"] > results["bagging"]["test"]["accuracy"]
+    assert evaluate.select(results, bagged=2) == "bagging"
+    assert evaluate.select(results, bagged=0) == "head"
+    assert evaluate.select({"head": results["head"]}, bagged=None) == "head"
 
 
 def test_stage_writes_metrics_and_plots(trained_copy):
-    run_stages("finetune", "bagging@0", "bagging@1", "ensemble", "kfold@0", "kfold@1", "evaluate")
+    run_stages("finetune", *MEMBERS, "ensemble", "evaluate")
     report = json.loads((paths.METRICS / "evaluate.json").read_text())
     results = report["models"]
     assert set(results) == {"head", "finetune", "bagging"}
-    assert report["selected"] == evaluate.select(results) and report["selected_by"] == evaluate.SELECTED_BY
+    bagged = json.loads((paths.METRICS / "cv_bagging.json").read_text())["members"]
+    assert report["selected"] == ("bagging" if bagged else "head") and report["selected_by"] == evaluate.SELECTED_BY
     for name, r in results.items():
-        for split in ("val", "test"):
+        for split in ("cv", "test") if name != "finetune" else ("test",):
             assert {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "confusion_matrix", "n"} <= set(r[split])
-        assert r["threshold"] == models.read_meta(name)["threshold"]  # the model's own, chosen on validation
-    assert [m["member"] for m in results["bagging"]["members"]] == [0, 1]
-    assert json.loads((paths.METRICS / "kfold.json").read_text())["folds"] == 2
+        assert r["threshold"] == models.read_meta(name)["threshold"]  # the model's own, chosen by CV
+    assert results["finetune"]["cv"] is None
+    assert results["head"]["cv"]["n"] == results["bagging"]["cv"]["n"] == len(features.train_val(pooled=True)[1])
     for f in ("roc.csv", "confusion.csv", "calibration.csv", "roc_calibration.png", "confusion.png"):
         assert (paths.PLOTS / "evaluate" / f).stat().st_size > 0, f
 
 
-def test_reads_exactly_the_folds_and_models_params_name(trained_copy):
-    run_stages("kfold@0", "kfold@1")
-    (paths.METRICS / "kfold" / "fold_7.json").write_text(json.dumps({"fold": 7, "accuracy": 0.0, "roc_auc": 0.0}))
-    set_params({"evaluate": {"models": ["head"]}, "kfold": {"folds": [1]}})
+def test_reads_exactly_the_models_params_name(trained_copy):
+    set_params({"evaluate": {"models": ["head"]}})
     run_stages("evaluate")
     report = json.loads((paths.METRICS / "evaluate.json").read_text())
     assert set(report["models"]) == {"head"} and report["selected"] == "head"
-    kfold = json.loads((paths.METRICS / "kfold.json").read_text())
-    assert kfold["folds"] == 1
-    assert kfold["accuracy_mean"] == json.loads((paths.METRICS / "kfold" / "fold_1.json").read_text())["accuracy"]
 
 
 def test_models_scored_on_different_rows_are_not_compared():
     from pipeline import predictions
 
-    a = {"val_y": np.array([0, 1]), "test_y": np.array([0, 1, 1]), "val_prob": np.array([.2, .8]),
+    a = {"cv_y": np.array([0, 1]), "test_y": np.array([0, 1, 1]), "cv_prob": np.array([.2, .8]),
          "test_prob": np.array([.1, .9, .7])}
     b = {**a, "test_y": np.array([1, 1, 0])}  # trained and scored on another split
     predictions.same_rows({"head": a, "finetune": dict(a)})

@@ -39,7 +39,7 @@ def test_unfrozen_weights_change_while_batchnorm_statistics_do_not():
 
     keras.utils.set_random_seed(0)
     base = backbones.build_base("efficientnet_lite0", "default", 32)
-    classifier = heads.build(base.output_shape[1:], 2, Head(conv_filters=4, horizontal_flip=False))
+    classifier = heads.build(base.output_shape[1:], 2, heads.recipe(Head(conv_filters=4), "map"))
     backbones.unfreeze_from(base, "block5a_expand_conv", "efficientnet_lite0")
     before = {l.name: [w.copy() for w in l.get_weights()] for l in base.layers if l.weights}
     model = train.compile_for(finetune.build(base, classifier, Finetune(), seed=0, in_model=False), 2, 1e-2)
@@ -86,8 +86,8 @@ def test_augmentation_goes_to_the_loader_on_a_cpu():
 
 
 def test_open_flips_follow_the_heads_design():
-    """`null` fine-tune flips take the head's chosen design (a flip that hurt the head on validation does not keep
-    the label); a flip set in params stays; an open flip never reaches the warp."""
+    """`null` fine-tune flips take the head's chosen design (a flip cross-validation did not keep is not assumed to
+    keep the label); a flip set in params stays; an open flip never reaches the warp."""
     from pipeline import augment
     from pipeline.params import Augment
 

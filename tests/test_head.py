@@ -1,10 +1,13 @@
-"""Head stage: a dense classifier on the features, with its model file, metadata, predictions and curves."""
+"""Head stage: the chosen recipe refit on train+val, with its model file, metadata, predictions and curves; the
+head designs as recipes."""
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
-from pipeline import heads, io, loader, models, paths, predictions, train
-from pipeline.params import Head
+from pipeline import features, heads, io, loader, models, paths, predictions, train
+from pipeline.params import DESIGNS, Head
 
 
 def test_head_outputs(trained):
@@ -19,9 +22,11 @@ def test_head_outputs(trained):
             x = io.load_npy(trained / paths.FEATURES_DIR / "test_pooled.npy")
         assert p["test_prob"].shape == (len(y),) and p["test_y"].tolist() == y.tolist()
         np.testing.assert_allclose(p["test_prob"], predictions.probabilities(head, x), atol=1e-5)
-        assert ((p["val_prob"] >= 0.5) == p["val_y"]).mean() >= 0.75  # the toy classes are learnable
+        assert ((p["cv_prob"] >= 0.5) == p["cv_y"]).mean() >= 0.75  # the toy classes are learnable, out of fold
     history = (trained / "plots/head/history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch,") and "val_loss" in history[0] and len(history) >= 2
+    recipe = io.read_json(trained / paths.RECIPE)
+    assert meta["design"]["name"] == recipe["design"] and meta["threshold"] == recipe["threshold"]
+    assert history[0].startswith("epoch,") and len(history) == 1 + recipe["epochs"]  # exactly the epochs CV chose
     assert (trained / "plots/head/learning_curves.png").stat().st_size > 1000
 
 
@@ -33,9 +38,9 @@ def test_class_weights_balance_the_classes():
 
 
 def test_softmax_for_more_than_two_classes():
-    model = heads.build((4, 4, 8), 3, Head(hidden=8))
+    model = heads.build((4, 4, 8), 3, heads.recipe(Head(hidden=8), "map_h"))
     assert model.output_shape == (None, 3) and model.layers[-1].activation.__name__ == "softmax"
-    assert heads.build((4, 4, 8), 2, Head(hidden=0)).layers[-1].activation.__name__ == "sigmoid"
+    assert heads.build((4, 4, 8), 2, heads.recipe(Head(hidden=0), "map")).layers[-1].activation.__name__ == "sigmoid"
 
 
 def test_batches_reshuffle_every_epoch_and_keep_pairs():
@@ -52,15 +57,13 @@ def test_batches_reshuffle_every_epoch_and_keep_pairs():
 
 
 def test_conv_head_or_pooling_head():
-    conv = heads.build((6, 6, 8), 2, Head(conv_filters=4, conv_layers=2, hidden=0))
+    conv = heads.build((6, 6, 8), 2, heads.recipe(Head(conv_filters=4, conv_layers=2, hidden=0), "map_h"))
     convs = [l for l in conv.layers if isinstance(l, keras.layers.Conv2D)]
     assert [l.name for l in convs] == ["head_conv1", "head_conv2"] and convs[0].filters == 4
     assert conv.get_layer("head_flip").mode == "horizontal"  # left-right flips only
-    with pytest.raises(ValueError, match="resolve `vertical_flip: auto` first"):
-        heads.build((6, 6, 8), 2, Head(vertical_flip="auto"))  # the head stage decides that on validation
-    pooled = heads.build((6, 6, 8), 2, Head(conv_filters=0, horizontal_flip=False))
+    pooled = heads.build((6, 6, 8), 2, heads.recipe(Head(conv_filters=0), "map"))
     assert not any(isinstance(l, (keras.layers.Conv2D, keras.layers.RandomFlip)) for l in pooled.layers)
-    flat = heads.build((8,), 2, Head())  # a flat feature vector: no map-only layers
+    flat = heads.build((8,), 2, heads.recipe(Head(), "pooled"))  # a flat feature vector: no map-only layers
     assert flat.output_shape == (None, 1) and not any(isinstance(l, keras.layers.Conv2D) for l in flat.layers)
 
 
@@ -70,18 +73,18 @@ def test_feature_stats_standardise_per_channel():
     flat = x.astype(np.float64).reshape(-1, 3)
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(var, flat.var(0), rtol=1e-4)
-    model = heads.build((4, 4, 3), 2, Head(conv_filters=0, horizontal_flip=False), stats=(mean, var))
+    model = heads.build((4, 4, 3), 2, heads.recipe(Head(conv_filters=0), "map"), stats=(mean, var))
     standardised = keras.Model(model.inputs, model.get_layer("head_standardise").output).predict(x, verbose=0)
     np.testing.assert_allclose(standardised.reshape(-1, 3).mean(0), 0, atol=1e-3)
 
 
 def test_flip_axes_and_test_time_average():
-    assert models.flip_axes(Head(horizontal_flip=False, vertical_flip=False)) == ((),)
-    assert models.flip_axes(Head(horizontal_flip=True, vertical_flip=True)) == ((), (2,), (1,), (1, 2))
+    assert models.flip_axes(heads.recipe(Head(), "map")) == ((),)
+    assert models.flip_axes(heads.recipe(Head(), "map_hv")) == ((), (2,), (1,), (1, 2))
     inputs = keras.Input((4, 4, 1))
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs)))
     x = np.random.default_rng(1).normal(size=(5, 4, 4, 1)).astype(np.float32)
-    flips = models.flip_axes(Head(horizontal_flip=True, vertical_flip=True))
+    flips = models.flip_axes(heads.recipe(Head(), "map_hv"))
     expected = np.mean([model.predict(np.flip(x, a) if a else x, verbose=0)[:, 0] for a in flips], axis=0)
     np.testing.assert_allclose(predictions.probabilities(model, x, flips=flips), expected, rtol=1e-5)
     batches = loader.Batches(x, np.zeros(5, np.int64), 2)
@@ -99,52 +102,42 @@ def test_conv_head_finds_a_local_spot_wherever_it_is():
     for i in np.where(y == 1)[0]:
         r, c = rng.integers(0, 9, 2)
         x[i, r:r + 2, c:c + 2, :] += 2.5
-    p = Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25,
-             horizontal_flip=True, vertical_flip=True)
+    p = heads.recipe(Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25),
+                     "map_hv")
     model, _ = heads.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
     prob = predictions.probabilities(model, x[240:], flips=models.flip_axes(p))
     assert ((prob >= 0.5) == y[240:]).mean() >= 0.9
 
 
-def test_head_designs_to_try():
-    auto = heads.candidates(Head(vertical_flip="auto"))
-    assert [(p.design, p.vertical_flip) for p in auto] == [("map", False), ("map", True), ("pooled", False)]
-    assert [heads.design_name(p) for p in auto] == ["map (flips h)", "map (flips h+v)", "pooled"]
-    assert [(p.design, p.vertical_flip) for p in heads.candidates(Head(design="map", vertical_flip=True))] == [("map", True)]
-    assert len(heads.candidates(Head(design="pooled"))) == 1
+def test_head_designs_as_recipes():
+    got = {d: heads.recipe(Head(), d) for d in DESIGNS}
+    assert [(r.features, r.horizontal_flip, r.vertical_flip) for r in got.values()] == [
+        ("pooled", False, False), ("map", False, False), ("map", True, False), ("map", True, True)]
+    assert heads.flips_of(got["pooled"]) == ((),)  # a vector has no flips
+    assert heads.flips_of(got["map_hv"]) == ((), (2,), (1,), (1, 2))
+    assert heads.recipe(got["map_h"], "pooled", epochs=7).features == "pooled"  # a recipe re-designed
+    with pytest.raises(ValueError):
+        Head(designs=["map", "map"])
 
 
-def test_the_design_is_chosen_on_validation_without_reading_test_rows(trained_copy):
-    """The head stage trains every design and keeps the best on validation: replacing every test feature by noise
-    changes neither the choice nor any validation score (and two runs give the same numbers: seeded,
-    deterministic ops)."""
-    from conftest import run_stages
+def test_refit_trains_on_train_and_val_rows_only_and_is_the_registered_file(trained_copy):
+    """The refit sees every train+val row and no test row: its standardisation statistics are those of the
+    train+val features exactly (test rows are different); the file registered is the refit model's."""
+    import mlflow
 
-    run_stages("head")
-    before = io.read_json(paths.METRICS / "head_designs.json")
-    assert len(before["designs"]) == 2 and before["chosen"] in {d["design"] for d in before["designs"]}
-    assert io.read_json(paths.MODELS / "head.json")["design"]["features"] in ("map", "pooled")
-    rng = np.random.default_rng(0)
-    for name in ("test_x.npy", "test_pooled.npy"):
-        clean = io.load_npy(paths.FEATURES_DIR / name, mmap=False)
-        io.save_npy(paths.FEATURES_DIR / name, rng.normal(0, 100, clean.shape).astype(clean.dtype))
-    run_stages("head")
-    assert io.read_json(paths.METRICS / "head_designs.json") == before
-
-
-def test_a_pooled_head_ignores_map_flips_and_passes_on_the_best_map_flips(trained_copy):
-    """Flips do not apply to the pooled vector (the model averages over none); the design still records the
-    flips of the best map head tried, for fine-tuning's augmentation."""
     from conftest import run_stages, set_params
 
-    set_params({"head": {"design": "auto", "horizontal_flip": True, "vertical_flip": "auto"}})
-    run_stages("head")
-    tried = io.read_json(paths.METRICS / "head_designs.json")["designs"]
-    assert [d["design"] for d in tried] == ["map (flips h)", "map (flips h+v)", "pooled"]
-    set_params({"head": {"design": "pooled"}})
-    run_stages("head")
-    meta = io.read_json(paths.MODELS / "head.json")
-    assert meta["design"]["features"] == "pooled" and meta["tta_flips"]["features"] == [[]]
-    assert meta["design"]["horizontal_flip"] is True and meta["design"]["vertical_flip"] is False
-    model, _ = models.load("head")
-    assert model.get_layer("features").output.shape[1:] == (128,)  # small_cnn's block4_pool, averaged
+    set_params({"head": {"designs": ["map"]}, "evaluate": {"models": ["head"]}})
+    run_stages("choose", "head")  # the map design's folds are there already
+    meta = models.read_meta("head")
+    x, y, _ = features.train_val()
+    assert meta["design"]["name"] == "map" and meta["trained_on"] == {"splits": ["train", "val"], "rows": len(y)}
+    layer = models.load("head")[0].get_layer("classifier").get_layer("head").get_layer("head_standardise")
+    mean = np.asarray(layer.mean).reshape(-1)
+    np.testing.assert_allclose(mean, heads.feature_stats(x)[0], rtol=1e-5)
+    with_test = np.concatenate([x, features.load_features("test")[0]])
+    assert not np.allclose(mean, heads.feature_stats(with_test)[0], rtol=1e-5)
+    run_stages("evaluate")  # registers the delivered model (the gate is 0 here)
+    version = mlflow.MlflowClient().search_model_versions("name = 'image-classifier'")[0]
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/image-classifier/{version.version}"))
+    assert [f.read_bytes() for f in logged.rglob("*.keras")] == [models.path("head").read_bytes()]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_stages
+from conftest import MEMBERS, ROOT, run_stages
 from pipeline import io, models, params, paths, predict
 
 NAMES = ("head", "finetune", "bagging")
@@ -23,7 +23,7 @@ NAMES = ("head", "finetune", "bagging")
 
 @pytest.fixture
 def all_models(trained_copy):
-    run_stages("finetune", "bagging@0", "bagging@1", "ensemble")
+    run_stages("finetune", *MEMBERS, "ensemble")
     return trained_copy
 
 
@@ -38,13 +38,14 @@ def test_every_model_is_image_in_and_matches_its_stage(all_models):
         assert model.input_shape == (None, 48, 48, 3) and model.output_shape == (None, 1)
         assert {"features", "classifier"} <= {layer.name for layer in model.layers}
         with np.load(paths.PREDICTIONS_DIR / f"{name}.npz") as p:
-            val_y, val_prob, test_prob = p["val_y"], p["val_prob"], p["test_prob"]
+            test_prob = p["test_prob"]
         got = models.predict(model, x)  # uint8 straight from the cache
         np.testing.assert_allclose(got, test_prob, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(models.predict(model, np.asarray(x, np.float32)), got, atol=1e-6)
-        assert meta["threshold"] == models.choose_threshold(val_y, val_prob)  # chosen on validation
-    members = models.read_meta("bagging")["members"]
-    assert members == ["bagging/member_0", "bagging/member_1"]
+    assert models.read_meta("head")["threshold"] == io.read_json(paths.RECIPE)["threshold"]  # chosen by CV
+    assert models.read_meta("finetune")["threshold"] == models.read_meta("head")["threshold"]
+    chosen = io.read_json(paths.METRICS / "cv_bagging.json")["members"]
+    assert models.read_meta("bagging")["parts"] == ["head"] + [f"bagging/member_{m}" for m in (1,)[:chosen]]
 
 
 def test_flip_averaging_is_inside_the_head_model(trained_copy):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from conftest import TINY_PARAMS, copy_project, make_folder, run_stages
+from conftest import CV, MEMBERS, TINY_PARAMS, UPSTREAM, copy_project, make_folder, run_stages
 from pipeline import io, models, paths, predict, serving
 from pipeline.params import merge
 
@@ -25,13 +25,14 @@ def test_three_classes_one_rare_through_every_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(dest)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("PIPELINE_REGISTER", "off")
-    run_stages("split", "validate", "cache", "extract", "head", "bagging@0", "bagging@1", "ensemble",
-               "kfold@0", "kfold@1", "evaluate")
+    run_stages(*UPSTREAM, *CV, "head", *MEMBERS, "ensemble", "evaluate")
 
     report = io.read_json(paths.VALIDATE_REPORT)
     assert report["success"] and report["class_shares"]["all"]["birds"] < 0.2  # rare, and not an error
     summary = json.loads((paths.METRICS / "evaluate.json").read_text())
+    trainval = int((pd.read_csv(paths.SPLIT_TABLE)["split"] != "test").sum())  # every row out of fold, once
     for name, result in summary["models"].items():
+        assert set(result["cv"]["per_class"]) == set(CLASSES) and result["cv"]["n"] == trainval, name
         test = result["test"]
         assert set(test["per_class"]) == set(CLASSES), name
         assert np.array(test["confusion_matrix"]).shape == (3, 3)

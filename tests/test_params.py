@@ -17,7 +17,9 @@ def test_project_params_load():
     ({"data": {"source": "folder"}}, "data", "data.path is required"),
     ({"head": {"dropuot": 0.5}}, "head.dropuot", "unknown key"),
     ({"split": {"folds": 1}}, "split.folds", "at least 2"),
-    ({"split": {"folds": 3}, "kfold": {"folds": [0, 4]}}, "kfold.folds", "folds are 0..2"),
+    ({"split": {"folds": 3}, "cv": {"folds": [0, 4]}}, "cv.folds", "folds 0..2"),
+    ({"split": {"folds": 0}}, "cv.folds", "at least 2"),
+    ({"head": {"designs": ["map", "map"]}}, "head.designs", "twice"),
     ({"validate": {"on_undecodable": "ignore"}}, "validate.on_undecodable", "'skip' or 'fail'"),
 ])
 def test_bad_params_name_the_key(raw, key, words):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_stages
+from conftest import MEMBERS, ROOT, run_stages
 from pipeline import models, report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,8 +37,8 @@ def test_grad_cam_lights_up_the_spot_that_decides():
     for i in np.where(y == 1)[0]:
         spots[i] = r, c = rng.integers(0, 9, 2)
         x[i, r:r + 2, c:c + 2, :] += 2.5
-    p = Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25,
-             horizontal_flip=True, vertical_flip=True)
+    p = heads.recipe(Head(conv_filters=8, conv_layers=2, epochs=25, batch_size=32, learning_rate=0.01, patience=25),
+                     "map_hv")
     classifier, _ = heads.train_head((x[:240], y[:240]), (x[240:], y[240:]), 2, p, seed=0, verbose=0)
     inputs = keras.Input((10, 10, 4))
     features = keras.Model(inputs, keras.layers.Identity()(inputs), name="features")  # the "image" is the map
@@ -76,7 +76,7 @@ def render(page: Path, screenshot: Path) -> dict:
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                     reason="Chromium is not installed (`apt-get install chromium`; `.ci/run` does it)")
 def test_evaluate_writes_a_page_that_renders_offline(trained_copy):
-    run_stages("finetune", "bagging@0", "bagging@1", "ensemble", "kfold@0", "kfold@1", "evaluate")
+    run_stages("finetune", *MEMBERS, "ensemble", "evaluate")
     page = trained_copy / report.REPORT
     assert page.exists() and "http://" not in page.read_text() and "https://" not in page.read_text()
     SCREENSHOTS.mkdir(exist_ok=True)
@@ -85,8 +85,8 @@ def test_evaluate_writes_a_page_that_renders_offline(trained_copy):
     print(f"report screenshot: {shot}")
     assert seen["title"] == "transfer-pipeline report"
     assert [u for u in seen["requests"] if not u.startswith(("file://", "data:"))] == []  # nothing leaves
-    assert len(seen["images"]) == 6 and all(done and width > 0 for done, width in seen["images"]), seen["images"]
-    for words in ("Selected:", "Training curves: diagnosis", "bagging/member_1", "kfold/fold_0", "error gallery",
+    assert len(seen["images"]) == 7 and all(done and width > 0 for done, width in seen["images"]), seen["images"]
+    for words in ("Delivered:", "Training curves: diagnosis", "cv/", "/fold_0", "CV accuracy", "error gallery",
                   "Grad-CAM"):
         assert words in seen["text"], words
     assert shot.stat().st_size > 50_000

@@ -384,7 +384,7 @@ def bench_finetune(name: str, size: int, prec: str, cache150: np.ndarray, labels
     with policy(prec):
         base = backbones.build_base(name, "none", size)
         unfrozen = backbones.unfreeze_from(base, None, name)
-        classifier = heads.build(base.output_shape[1:], 2, params.Head())
+        classifier = heads.build(base.output_shape[1:], 2, heads.recipe(params.Head(), "map_h"))
         models = {"no augmentation": finetune.build(base, classifier, p, seed=0, in_model=False),
                   "Augment": finetune.build(base, classifier, p, seed=0, in_model=True),
                   "Keras layers": keras_layers_model(base, classifier)}

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
         groups = {None: [head_model.get_layer("classifier").get_layer("head")]}  # backbone -> heads, head first
         test = [head_pred["test_prob"]]
         trained = []
+        (paths.PLOTS / "ensemble").mkdir(parents=True, exist_ok=True)  # the members' curves (none when n = 0)
         for m in chosen:
             backbone = members.member_backbone(prm, m)
             root = features.features_dir(backbone)

@@ -4,7 +4,7 @@ once per process and passed on as a value.
 Numerics (`pin_numerics`, run when the `pipeline` package is imported, before any module imports Keras): on a CPU,
 TensorFlow's oneDNN picks its kernels by the processor's instruction set, and the head's training splits its sums
 over as many threads as the machine has cores. Either changes the last bits of a weight, and after a few epochs a
-choice made on validation. So every process of the pipeline computes as an AVX2 machine with `THREADS` intra-op
+choice made by cross-validation. So every process of the pipeline computes as an AVX2 machine with `THREADS` intra-op
 threads, whatever it runs on: an AVX-512 server, a laptop with two cores and a 16-core worker give the same bytes.
 A processor without AVX2 (oneDNN capped lower by ONEDNN_MAX_CPU_ISA) keeps its cap, and gets other numbers.
 Setting TF_NUM_INTRAOP_THREADS yourself trades that for speed.

@@ -10,11 +10,11 @@ class probabilities out ((N, 1) sigmoid for two classes, (N, C) softmax otherwis
 - `classifier`: a nested model from the feature map to probabilities; it averages over the feature-map flips the
   head was trained with and, for an ensemble, over its members.
 
-Beside it, `models/<name>.json`: classes, the decision threshold chosen on validation, image size, backbone,
-flips, and the data and code it came from (`pipeline.lineage`). Heads trained on features (a bagging member) are
-saved the same way with `"input": "features"`; only image-in models are handed over.
+Beside it, `models/<name>.json`: classes, the decision threshold chosen by cross-validation, image size, backbone,
+flips, and the data and code it came from (`pipeline.lineage`). Heads on features (the cv and bagging stages'
+fold models) are never saved: their predictions are what choosing needs.
 
-Everything else (head, finetune, bagging, ensemble, evaluate, tracking, predict, serving) calls this module instead
+Everything else (head, finetune, ensemble, evaluate, tracking, predict, serving) calls this module instead
 of building paths or loading files on its own.
 """
 from __future__ import annotations

@@ -123,7 +123,7 @@ class Head(Section):
     learning_rate: float = Field(1e-3, gt=0)
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
-    patience: int = Field(5, ge=1)
+    patience: int = Field(8, ge=1)
     class_weight: Literal["balanced", "none"] = "balanced"
 
     @field_validator("designs")
@@ -157,7 +157,7 @@ class Finetune(Section):
 
 
 class Bagging(Section):
-    members: list[int] = Field([1, 2, 3], min_length=0)  # seeds of the members CV may add to the head, in order
+    members: list[int] = Field([1, 2], min_length=0)  # seeds of the members CV may add to the head, in order
     backbones: list[str] = []  # member i trains on the features of backbones[i % len]; [] = backbone.name only
     sample_fraction: float = Field(1.0, gt=0, le=1)
 

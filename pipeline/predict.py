@@ -52,7 +52,7 @@ def predict(model_file: Path, inputs, threshold: float | None = None, batch_size
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="a model file: models/head.keras, models/finetune.keras, models/bagging.keras")
-    ap.add_argument("--threshold", type=float, help="decision threshold (default: the one chosen on validation, in the JSON beside the model)")
+    ap.add_argument("--threshold", type=float, help="decision threshold (default: the one chosen by cross-validation, in the JSON beside the model)")
     ap.add_argument("--out", type=Path, help="write the CSV here instead of printing it")
     ap.add_argument("inputs", nargs="+", help="image files or folders")
     args = ap.parse_args(argv)

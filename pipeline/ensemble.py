@@ -28,47 +28,52 @@ def choose_count(y: np.ndarray, folds: np.ndarray, head: np.ndarray, member_prob
             "threshold": threshold, "threshold_rules": rules}
 
 
-def main(argv=None) -> int:
-    prm = params.load()
+def deliver(prm: params.Params, chosen: list[int], result: dict, run=None) -> None:
+    """Refit the `chosen` members on bootstrap resamples of all of train+val and save the head and them, behind their
+    backbones, as `models/bagging.keras`, with their predictions (`result`: what `choose_count` found)."""
     p = heads.chosen(prm.head)
     pooled = p.features == "pooled"
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
     head_pred = predictions.load("head")
     y, folds = head_pred["cv_y"], head_pred["cv_fold"]
+    head_model, _ = models.load("head")
+    groups = {None: [head_model.get_layer("classifier").get_layer("head")]}  # backbone -> heads, head first
+    test, cv, trained = [head_pred["test_prob"]], [head_pred["cv_prob"]], []
+    (paths.PLOTS / "ensemble").mkdir(parents=True, exist_ok=True)  # the members' curves (none when n = 0)
+    for m in chosen:
+        backbone = members.member_backbone(prm, m)
+        root = features.features_dir(backbone)
+        x, ty, all_folds = features.train_val(pooled, root)
+        cv.append(predictions.out_of_fold(members.member_name(m), all_folds, prm.cv.folds)[np.isin(all_folds, prm.cv.folds)])
+        model, history, rows = members.fit(prm, m, p, x, ty, len(meta["classes"]))
+        groups.setdefault(backbone, []).append(model)
+        test.append(predictions.probabilities(model, features.load_features("test", pooled, root)[0],
+                                              flips=heads.flips_of(p)))
+        trained.append({"member": m, "backbone": backbone or prm.backbone.name, "unique_rows": int(len(np.unique(rows)))})
+        tracking.log_files(run, *curves.save(history, f"ensemble/member_{m}", run, ty[rows]))
+    metas = [meta if b is None else io.read_json(features.features_dir(b) / "meta.json") for b in groups]
+    parts = [(features.features_model(m, pooled), hs) for m, hs in zip(metas, groups.values())]
+    flips = heads.flips_of(p)
+    model = models.compose(*parts[0], more=parts[1:], map_flips=flips, name=NAME)
+    backbones = [heads.backbone_of(m) for m in metas]
+    models.save(model, NAME, models.meta_for(
+        NAME, classes=meta["classes"], threshold=result["threshold"], image_size=meta["image_size"],
+        backbone=backbones[0], image_flips=[()], map_flips=flips, lineage=lineage.describe("ensemble"),
+        parts=["head"] + [members.member_name(m) for m in chosen], members=trained, backbones=backbones,
+        design=models.read_meta("head")["design"], trained_on={"splits": ["train", "val"], "rows": int(len(y))}))
+    predictions.save(NAME, meta["classes"], (members.combine(cv), y, folds), (members.combine(test), head_pred["test_y"]))
+
+
+def main(argv=None) -> int:
+    prm = params.load()
+    head_pred = predictions.load("head")
     _, _, all_folds = features.train_val(pooled=True)
     used = np.isin(all_folds, prm.cv.folds)
     oof = [predictions.out_of_fold(members.member_name(m), all_folds, prm.cv.folds)[used] for m in prm.bagging.members]
     with tracking.stage_run("ensemble", {"members": list(prm.bagging.members)}) as run:
-        result = choose_count(y, folds, head_pred["cv_prob"], oof)
+        result = choose_count(head_pred["cv_y"], head_pred["cv_fold"], head_pred["cv_prob"], oof)
         chosen = list(prm.bagging.members)[:result["members"]]
-        head_model, _ = models.load("head")
-        groups = {None: [head_model.get_layer("classifier").get_layer("head")]}  # backbone -> heads, head first
-        test = [head_pred["test_prob"]]
-        trained = []
-        (paths.PLOTS / "ensemble").mkdir(parents=True, exist_ok=True)  # the members' curves (none when n = 0)
-        for m in chosen:
-            backbone = members.member_backbone(prm, m)
-            root = features.features_dir(backbone)
-            x, ty, _ = features.train_val(pooled, root)
-            model, history, rows = members.fit(prm, m, p, x, ty, len(meta["classes"]))
-            groups.setdefault(backbone, []).append(model)
-            test.append(predictions.probabilities(model, features.load_features("test", pooled, root)[0],
-                                                  flips=heads.flips_of(p)))
-            trained.append({"member": m, "backbone": backbone or prm.backbone.name,
-                            "unique_rows": int(len(np.unique(rows)))})
-            tracking.log_files(run, *curves.save(history, f"ensemble/member_{m}", run, ty[rows]))
-        metas = [meta if b is None else io.read_json(features.features_dir(b) / "meta.json") for b in groups]
-        parts = [(features.features_model(m, pooled), hs) for m, hs in zip(metas, groups.values())]
-        flips = heads.flips_of(p)
-        model = models.compose(*parts[0], more=parts[1:], map_flips=flips, name=NAME)
-        backbones = [heads.backbone_of(m) for m in metas]
-        models.save(model, NAME, models.meta_for(
-            NAME, classes=meta["classes"], threshold=result["threshold"], image_size=meta["image_size"],
-            backbone=backbones[0], image_flips=[()], map_flips=flips, lineage=lineage.describe("ensemble"),
-            parts=["head"] + [members.member_name(m) for m in chosen], members=trained, backbones=backbones,
-            design=models.read_meta("head")["design"], trained_on={"splits": ["train", "val"], "rows": int(len(y))}))
-        predictions.save(NAME, meta["classes"], (members.combine([head_pred["cv_prob"], *oof[:len(chosen)]]), y, folds),
-                         (members.combine(test), head_pred["test_y"]))
+        deliver(prm, chosen, result, run)
         io.write_json(paths.METRICS / "cv_bagging.json", result)
         if run:
             run.log_params({"members_chosen": len(chosen)})

@@ -35,16 +35,16 @@ def load_features(split: str, pooled: bool = False, root: Path = paths.FEATURES_
 
 
 def train_val(pooled: bool = False, root: Path = paths.FEATURES_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, labels, fold) of every train+val row, train rows first, in the order of `index.csv`: all that
-    cross-validation and the refit read (never a test row)."""
-    index = pd.read_csv(root / "index.csv")
+    """(features, labels, fold) of every train+val row, train rows first, in the order of `data/features/index.csv`
+    (every backbone's features are in that order): all that cross-validation and the refit read (never a test row)."""
+    index = pd.read_csv(paths.FEATURES_DIR / "index.csv")
     xs, ys, folds = [], [], []
     for split in ("train", "val"):
         x, y = load_features(split, pooled, root)
         xs.append(x), ys.append(y), folds.append(index.loc[index["split"] == split, "fold"].to_numpy())
     x, y, f = np.concatenate(xs), np.concatenate(ys), np.concatenate(folds)
     if len(f) != len(y):
-        raise ValueError(f"{root}/index.csv does not match the features: rerun `dvc repro extract`")
+        raise ValueError(f"{paths.FEATURES_DIR}/index.csv does not match the features in {root}: rerun `dvc repro extract`")
     return x, y, f
 
 

@@ -141,3 +141,14 @@ def test_refit_trains_on_train_and_val_rows_only_and_is_the_registered_file(trai
     version = mlflow.MlflowClient().search_model_versions("name = 'image-classifier'")[0]
     logged = Path(mlflow.artifacts.download_artifacts(f"models:/image-classifier/{version.version}"))
     assert [f.read_bytes() for f in logged.rglob("*.keras")] == [models.path("head").read_bytes()]
+
+
+def test_a_refit_decays_the_learning_rate_along_a_cosine():
+    """With no rows held back there is no plateau to watch: the rate falls from its compiled value towards zero."""
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    p = heads.recipe(Head(epochs=4, learning_rate=0.01, batch_size=8, hidden=0), "pooled")
+    model, history = heads.train_head((x, y), None, 2, p, seed=0, verbose=0)
+    assert len(history) == 4 and "val_loss" not in history
+    np.testing.assert_allclose(history["learning_rate"], [0.01 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)],
+                               rtol=1e-5)

@@ -28,9 +28,10 @@ def choose_count(y: np.ndarray, folds: np.ndarray, head: np.ndarray, member_prob
             "threshold": threshold, "threshold_rules": rules}
 
 
-def deliver(prm: params.Params, chosen: list[int], result: dict, run=None) -> None:
+def deliver(prm: params.Params, chosen: list[int], member_oof: list[np.ndarray], result: dict, run=None) -> None:
     """Refit the `chosen` members on bootstrap resamples of all of train+val and save the head and them, behind their
-    backbones, as `models/bagging.keras`, with their predictions (`result`: what `choose_count` found)."""
+    backbones, as `models/bagging.keras`, with their predictions (`member_oof`: the chosen members' out-of-fold
+    probabilities, in order; `result`: what `choose_count` found)."""
     p = heads.chosen(prm.head)
     pooled = p.features == "pooled"
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
@@ -38,13 +39,12 @@ def deliver(prm: params.Params, chosen: list[int], result: dict, run=None) -> No
     y, folds = head_pred["cv_y"], head_pred["cv_fold"]
     head_model, _ = models.load("head")
     groups = {None: [head_model.get_layer("classifier").get_layer("head")]}  # backbone -> heads, head first
-    test, cv, trained = [head_pred["test_prob"]], [head_pred["cv_prob"]], []
+    test, trained = [head_pred["test_prob"]], []
     (paths.PLOTS / "ensemble").mkdir(parents=True, exist_ok=True)  # the members' curves (none when n = 0)
     for m in chosen:
         backbone = members.member_backbone(prm, m)
         root = features.features_dir(backbone)
-        x, ty, all_folds = features.train_val(pooled, root)
-        cv.append(predictions.out_of_fold(members.member_name(m), all_folds, prm.cv.folds)[np.isin(all_folds, prm.cv.folds)])
+        x, ty, _ = features.train_val(pooled, root)
         model, history, rows = members.fit(prm, m, p, x, ty, len(meta["classes"]))
         groups.setdefault(backbone, []).append(model)
         test.append(predictions.probabilities(model, features.load_features("test", pooled, root)[0],
@@ -61,7 +61,8 @@ def deliver(prm: params.Params, chosen: list[int], result: dict, run=None) -> No
         backbone=backbones[0], image_flips=[()], map_flips=flips, lineage=lineage.describe("ensemble"),
         parts=["head"] + [members.member_name(m) for m in chosen], members=trained, backbones=backbones,
         design=models.read_meta("head")["design"], trained_on={"splits": ["train", "val"], "rows": int(len(y))}))
-    predictions.save(NAME, meta["classes"], (members.combine(cv), y, folds), (members.combine(test), head_pred["test_y"]))
+    predictions.save(NAME, meta["classes"], (members.combine([head_pred["cv_prob"], *member_oof]), y, folds),
+                     (members.combine(test), head_pred["test_y"]))
 
 
 def main(argv=None) -> int:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     with tracking.stage_run("ensemble", {"members": list(prm.bagging.members)}) as run:
         result = choose_count(head_pred["cv_y"], head_pred["cv_fold"], head_pred["cv_prob"], oof)
         chosen = list(prm.bagging.members)[:result["members"]]
-        deliver(prm, chosen, result, run)
+        deliver(prm, chosen, oof[:len(chosen)], result, run)
         io.write_json(paths.METRICS / "cv_bagging.json", result)
         if run:
             run.log_params({"members_chosen": len(chosen)})

@@ -32,7 +32,9 @@ def test_member_folds_and_the_ensemble(trained_copy):
 def test_the_kept_members_are_refit_and_averaged_with_the_head(trained_copy):
     run_stages(*MEMBERS)
     prm = params.load()
-    ensemble.deliver(prm, [1], {"threshold": 0.5})  # as if cross-validation had kept member 1
+    _, _, folds = features.train_val(pooled=True)
+    kept = [predictions.out_of_fold("bagging/member_1", folds, [0, 1])]
+    ensemble.deliver(prm, [1], kept, {"threshold": 0.5})  # as if cross-validation had kept member 1
     model, meta = models.load("bagging")
     assert meta["parts"] == ["head", "bagging/member_1"] and meta["members"][0]["member"] == 1
     assert [l.name for l in model.get_layer("classifier").layers if isinstance(l, keras.Model)] == ["head", "member_1"]
@@ -69,7 +71,9 @@ def test_members_on_several_backbones(trained_copy):
     lite = io.read_json(features.features_dir("efficientnet_lite0") / "meta.json")
     assert lite["name"] == "efficientnet_lite0" and lite["cut_layer"] == "block5c_add"
     assert io.read_json(paths.FEATURES_DIR / "meta.json")["name"] == "small_cnn"
-    ensemble.deliver(params.load(), [1, 2], {"threshold": 0.5})  # member 1 on Lite0, member 2 on small_cnn
+    _, _, folds = features.train_val(pooled=True)
+    kept = [predictions.out_of_fold(f"bagging/member_{m}", folds, [0, 1]) for m in (1, 2)]
+    ensemble.deliver(params.load(), [1, 2], kept, {"threshold": 0.5})  # member 1 on Lite0, member 2 on small_cnn
     model, meta = models.load("bagging")
     assert [m["backbone"] for m in meta["members"]] == ["efficientnet_lite0", "small_cnn"]
     assert [b["name"] for b in meta["backbones"]] == ["small_cnn", "efficientnet_lite0"]

@@ -31,8 +31,8 @@ START_DATE = datetime(2025, 1, 1, tzinfo=timezone.utc)
 # Stages that need an accelerator: they queue on the `gpu` pool, whose slots (`schedule.gpu_slots`) are how many
 # of them may run at once. `bin/ui-airflow` creates the pool: `airflow pools set gpu <slots> "<description>"`.
 GPU_POOL = "gpu"
-GPU_STAGES = frozenset({"extract", "cv", "finetune", "bagging"})
-GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, cv, finetune, bagging); slots = params.yaml schedule.gpu_slots"
+GPU_STAGES = frozenset({"extract", "cv", "learning_curve", "finetune", "bagging"})
+GPU_POOL_DESCRIPTION = "GPU-heavy pipeline stages (extract, cv, learning_curve, finetune, bagging); slots = params.yaml schedule.gpu_slots"
 # On a cluster they also go to the Celery queue `schedule.gpu_queue`: "gpu" sends them to the workers started with
 # `--queues default,gpu` (those with a GPU); the default, "default", lets every worker take them.
 

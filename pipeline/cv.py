@@ -3,7 +3,7 @@ train+val rows of every other fold and scored on fold k's rows, which it never s
 
 A tenth of the training rows is held back for early stopping (the epoch with the best loss there is recorded: the
 refit trains that many epochs); the fold's held-out rows decide nothing inside the stage. It writes the held-out
-probabilities (`data/cv/<design>/fold_<k>.npz`) and the learning curves; the choose stage puts the folds together.
+probabilities (`data/cv/designs/<design>/fold_<k>.npz`) and the learning curves; the choose stage puts the folds together.
 No test row is read.
 """
 from __future__ import annotations
@@ -25,20 +25,17 @@ def main(argv=None) -> int:
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
     x, y, folds = features.train_val(pooled=p.features == "pooled")
     train_rows, held = features.fold_rows(folds, args.fold)
-    fit, stop = (train_rows[r] for r in heads.inner_split(len(train_rows), prm.seed + args.fold))
     name = f"{args.design}/fold_{args.fold}"
     with tracking.stage_run(f"cv@{args.design}-{args.fold}", {"head": p.model_dump(), "fold": args.fold}) as run:
-        model, history = heads.train_head((x[fit], y[fit]), (x[stop], y[stop]), len(meta["classes"]), p,
-                                          prm.seed + args.fold, name="head", verbose=0)
-        prob = predictions.probabilities(model, x[held], flips=heads.flips_of(p))
+        prob, history, n_fit = heads.cross_fit(x, y, train_rows, held, len(meta["classes"]), p, prm.seed + args.fold)
         best = int(history.loc[history["val_loss"].idxmin(), "epoch"])
-        predictions.save_fold(f"designs/{args.design}", args.fold, prob, held, best_epoch=best, n_train=len(fit))
-        tracking.log_files(run, *curves.save(history, f"cv/{name}", run, y[fit]))
+        predictions.save_fold(f"designs/{args.design}", args.fold, prob, held, best_epoch=best, n_train=n_fit)
+        tracking.log_files(run, *curves.save(history, f"cv/{name}", run, y[train_rows]))
         accuracy = float((models.labels(prob) == y[held]).mean())
         if run:
             run.log_metrics({"accuracy": accuracy, "best_epoch": best})
     print(f"cv {args.design} fold {args.fold}: accuracy {accuracy:.4f} on {len(held)} held-out rows "
-          f"(trained on {len(fit)}, best epoch {best} of {len(history)})")
+          f"(trained on {n_fit}, best epoch {best} of {len(history)})")
     return 0
 
 

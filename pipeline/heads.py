@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pipeline import io, models, paths, train
+from pipeline import io, models, paths, predictions, train
 from pipeline.params import Head
 
 
@@ -107,3 +107,12 @@ def inner_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     cut = max(1, n // 10)
     return np.sort(order[cut:]), np.sort(order[:cut])
+
+
+def cross_fit(x, y, train_rows: np.ndarray, held: np.ndarray, n_classes: int, p: Recipe, seed: int,
+              name: str = "head"):
+    """Train recipe `p` on `train_rows` of (x, y), a tenth of them held back for early stopping (`inner_split`), and
+    predict the `held` rows it never saw: (probabilities, history, rows fitted). What the cv stage does per fold."""
+    fit, stop = (train_rows[r] for r in inner_split(len(train_rows), seed))
+    model, history = train_head((x[fit], y[fit]), (x[stop], y[stop]), n_classes, p, seed, name=name, verbose=0)
+    return predictions.probabilities(model, x[held], flips=flips_of(p)), history, len(fit)

@@ -1,8 +1,10 @@
 """Decoding an image file: any PIL mode to 8-bit RGB at a square size. The cache stage, `predict` and the served model
-decode with this one function, so an image gives the same array wherever it is read."""
+decode with this one function, so an image gives the same array wherever it is read; the pictures of the data
+checks find those decoded copies in the cache (`cached`)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageOps
 
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -31,3 +33,14 @@ def load_rgb(path, size: int, max_pixels: int | None = None) -> np.ndarray:
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
+
+
+def cached(files, cache_dir) -> dict[str, np.ndarray]:
+    """{path: image} for the files (as the split table names them) that the cache stage decoded into `cache_dir`."""
+    index = pd.read_csv(cache_dir / "index.csv")
+    index = index[index["path"].isin(set(files))]
+    out = {}
+    for split, rows in index.groupby("split"):
+        x = np.load(cache_dir / f"{split}_x.npy", mmap_mode="r")
+        out.update({path: np.asarray(x[row]) for path, row in zip(rows["path"], rows["row"])})
+    return out

@@ -1,8 +1,10 @@
 """The manifest: each data source (`params.data`) turned into the same table, one row per image.
 
-Manifest columns: path (relative to the data root, `root_of`, as POSIX: the same on every machine), class_name, label, sha256, width, height, mode, decodable, error, then the source's own
-columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`: orig_split).
-Every file is hashed and fully decoded once here, in parallel, so validate can judge it without decoding again.
+Manifest columns: path (relative to the data root, `root_of`, as POSIX: the same on every machine), class_name,
+label, sha256, width, height, mode, decodable, error, phash (`pipeline.phash`: for finding near-copies), then the
+source's own columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`:
+orig_split). Every file is hashed and fully decoded once here, in parallel, so validate can judge it without
+decoding again. Files a reviewed list names (`data.exclude`, e.g. suspected label errors) are left out, and said so.
 A file outside the data root (`data.root`, else the folder or the manifest's folder), or a symlink that leads out of
 it, is not read: its row says so in `error` (`inventory.OUTSIDE_ROOT`). When no file of the source, or none of a
 class, can be read, ingesting stops with one message that says why and which key to change.
@@ -21,7 +23,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import inventory, io
+from pipeline import inventory, io, phash
 from pipeline.inventory import IMAGE_EXTENSIONS
 from pipeline.params import Data
 
@@ -111,7 +113,7 @@ def inspect(rel: str, root: Path) -> dict:
     """Hash the bytes of `root / rel` and decode the image fully; never raises (a bad file is reported, not fatal).
     A path whose symlinks lead outside `root` is not opened at all. Messages name the file by `rel`, never by where
     this machine keeps it."""
-    info = {"sha256": "", "width": 0, "height": 0, "mode": "", "decodable": False, "error": ""}
+    info = {"sha256": "", "width": 0, "height": 0, "mode": "", "decodable": False, "error": "", "phash": ""}
     path = root / rel
     if rel.startswith("../"):
         info["error"] = (f"{inventory.OUTSIDE_ROOT}: {rel} is not inside the data root; set data.root in params.yaml "
@@ -125,6 +127,7 @@ def inspect(rel: str, root: Path) -> dict:
         with Image.open(path) as im:
             info.update(width=im.width, height=im.height, mode=im.mode)
             im.load()
+            info["phash"] = phash.hashes(im)
         info["decodable"] = True
     except Exception as e:  # noqa: BLE001 - any decoder failure is data, recorded for validate
         info["error"] = f"{type(e).__name__}: {e}".replace(str(root) + os.sep, "").replace("\n", " ")[:300]
@@ -154,7 +157,30 @@ def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
     front = ["path", "class_name", "label"]
     table = pd.concat([table[front], info, table.drop(columns=front)], axis=1)
     usable(table, classes, root)
+    table["excluded"] = excluded(table, p)
     return table, classes
+
+
+def excluded(table: pd.DataFrame, p: Data) -> pd.Series:
+    """Which rows a reviewed list names (`data.exclude`: a CSV with a `path` column, paths as the split table names
+    them, e.g. a reviewed copy of `data/label_issues.csv`); all False without one."""
+    if not p.exclude:
+        return pd.Series(False, index=table.index)
+    file = Path(p.exclude).expanduser()
+    if not file.is_file():
+        raise SourceError(f"data.exclude names '{file}', which is not a file: point it at a reviewed list (a CSV with "
+                          "a path column, such as a copy of data/label_issues.csv), or set data.exclude: null")
+    listed = pd.read_csv(file, dtype=str, keep_default_na=False)
+    if "path" not in listed:
+        raise SourceError(f"{file} (data.exclude) has no `path` column: it needs one row per file to leave out, "
+                          "named as data/split.csv names it")
+    names = set(listed["path"]) - {""}
+    unknown = sorted(names - set(table["path"]))
+    if unknown:
+        raise SourceError(f"{file} (data.exclude) names {len(unknown)} file(s) that are not in the data source: "
+                          f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}. Remove them from the list "
+                          "(or check data.path and data.root)")
+    return table["path"].isin(names)
 
 
 def usable(table: pd.DataFrame, classes: list[str], root: Path) -> None:

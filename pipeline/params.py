@@ -33,6 +33,7 @@ class Data(Section):
     elpv_threshold: float = Field(0.5, gt=0, le=1)
     existing_split: Literal["honour", "pool"] = "pool"
     limit_per_class: Optional[int] = Field(None, gt=0)
+    exclude: Optional[str] = None  # a reviewed CSV with a `path` column (as data/label_issues.csv): files left out
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -46,6 +47,7 @@ class Split(Section):
     counts: Optional[tuple[int, int, int]] = None
     folds: int = Field(5, ge=0)
     stratify: list[str] = []
+    near_copy_bits: Optional[int] = Field(16, ge=0, le=128)  # pHash bits (of 256) within which images are near-copies
 
     @field_validator("ratios")
     @classmethod
@@ -178,6 +180,27 @@ class Bagging(Section):
         return v
 
 
+class NearCopies(Section):
+    cosine: float = Field(0.995, gt=0, le=1)  # pooled features at least this similar are near-copies
+
+
+class LabelIssues(Section):
+    method: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"] = \
+        "prune_by_noise_rate"  # cleanlab's filter_by
+    show: int = Field(24, ge=0)  # in the report's gallery
+
+
+class LearningCurve(Section):
+    fractions: list[float] = Field([0.1, 0.25, 0.5], min_length=1)  # of each fold's training rows (1.0: the CV itself)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0 < f < 1 for f in v) or sorted(set(v)) != list(v):
+            raise ValueError(f"fractions must rise strictly, each between 0 and 1 (1.0 is the CV itself), got {list(v)}")
+        return v
+
+
 class Cv(Section):
     folds: list[int] = Field([0, 1, 2, 3, 4], min_length=2)  # which of split.folds cross-validation uses
 
@@ -219,6 +242,9 @@ class Params(Section):
     finetune: Finetune = Finetune()
     bagging: Bagging = Bagging()
     cv: Cv = Cv()
+    near_copies: NearCopies = NearCopies()
+    label_issues: LabelIssues = LabelIssues()
+    learning_curve: LearningCurve = LearningCurve()
     evaluate: Evaluate = Evaluate()
     tracking: Tracking = Tracking()
     schedule: Schedule = Schedule()

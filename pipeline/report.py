@@ -1,7 +1,8 @@
 """The report page, `reports/index.html`: one static, offline page (every image embedded) that the evaluate stage
 writes and logs to MLflow. `make report` prints its path.
 
-It shows, top to bottom: the data (counts per split and class, skipped files and why), the diagnosis of every
+It shows, top to bottom: the data (counts per split and class, skipped files and why, near-copies and leaks,
+suspected label errors, the learning curve over the amount of data), the diagnosis of every
 training history (`pipeline.diagnose`), the metrics of every model with the selected one marked, the learning
 curves and evaluation plots, an error gallery (the test images the selected model gets most confidently wrong,
 per class, and the least certain correct ones) and where the model looks: Grad-CAM overlays (Selvaraju et al.,
@@ -24,6 +25,7 @@ import pandas as pd
 from pipeline import diagnose, figures, io, models, paths
 
 REPORT = Path("reports") / "index.html"
+GROUPS_SHOWN = 20
 
 
 # ------------------------------------------------------------------------------------------------ choosing images
@@ -171,6 +173,8 @@ def overlay_figure(x, cams, y, pred, prob, threshold: float, classes):
 # ------------------------------------------------------------------------------------------------ the page
 
 def _img(path: Path, alt: str) -> str:
+    if not Path(path).exists():
+        return ""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
@@ -213,6 +217,9 @@ def data_section() -> str:
     counts = counts.reset_index(names="class")
     out = f"<p>{summary['n_images']} images from <code>{html.escape(str(summary.get('source')))}</code>, " \
           f"{summary.get('folds', 0)} folds over train+val.</p>" + _table(counts)
+    if summary.get("excluded"):
+        out += f"<p>{summary['excluded']} file(s) left out of every split: a reviewed list names them " \
+               f"(<code>data.exclude</code>).</p>"
     if paths.VALIDATE_REPORT.exists():
         report = io.read_json(paths.VALIDATE_REPORT)
         skipped = report.get("skipped", [])
@@ -220,7 +227,65 @@ def data_section() -> str:
         if skipped:
             why = pd.DataFrame({"file": skipped, "why": [report.get("reasons", {}).get(f, "") for f in skipped]})
             out += _table(why)
-    return out
+    return out + near_copies_part() + label_issues_part() + learning_curve_part()
+
+
+def _metrics(name: str) -> dict | None:
+    file = paths.METRICS / f"{name}.json"
+    return io.read_json(file) if file.exists() else None
+
+
+def near_copies_part() -> str:
+    m = _metrics("near_copies")
+    if m is None:
+        return ""
+    h, f = m["hash"], m["features"]
+    out = (f"<h3>Near-copies and leaks</h3><p>By perceptual hash (flips and 90° turns, within {h['max_bits']} of 256 "
+           f"bits): <b>{h['images']}</b> images in {h['groups']} groups, {h['mixed_classes']} of them holding more "
+           f"than one class; the split keeps each group in one split and fold. By pooled features (cosine ≥ "
+           f"{f['cosine']}): {f['images']} images in {f['groups']} groups ({f['also_by_hash']} also found by hash). "
+           f"<b>{m['leaks']}</b> test image(s) have a near-copy in train or val (a leak).</p>")
+    if m["leaks"]:
+        out += _table(pd.DataFrame({"leaking test image": m["leak_files"]}))
+    found = pd.read_csv(paths.NEAR_COPIES, keep_default_na=False) if paths.NEAR_COPIES.exists() else pd.DataFrame()
+    if len(found):
+        groups = (found.groupby(["kind", "group"], sort=False)
+                  .agg(files=("path", ", ".join), splits=("split", lambda s: ", ".join(sorted(set(s)))),
+                       classes=("class_name", lambda s: ", ".join(sorted(set(s)))), leak=("leak", "any"),
+                       n_classes=("class_name", "nunique"), size=("path", "size"))
+                  .reset_index()  # leaks first, then groups holding two classes, then the largest
+                  .sort_values(["leak", "n_classes", "size"], ascending=False, kind="stable")
+                  .drop(columns=["group", "n_classes", "size"]))
+        shown = groups.head(GROUPS_SHOWN)
+        out += _table(shown) + (f"<p>... and {len(groups) - len(shown)} more groups in "
+                                f"<code>{paths.NEAR_COPIES}</code>.</p>" if len(groups) > len(shown) else "")
+    return out + _img(paths.DATA_PLOTS / "near_copies.png", "near-copy groups, leaks first")
+
+
+def label_issues_part() -> str:
+    m = _metrics("label_issues")
+    if m is None:
+        return ""
+    pairs = ", ".join(f"{html.escape(k)}: {v}" for k, v in m["given_to_suggested"].items()) or "none"
+    return (f"<h3>Suspected label errors</h3><p>Confident learning (cleanlab, {html.escape(m['method'])}) on the "
+            f"out-of-fold predictions of {html.escape(m['design'])}: <b>{m['issues']}</b> of {m['rows']} train+val "
+            f"images ({100 * m['share']:.1f} %) look mislabelled ({pairs}). The list is "
+            f"<code>data/label_issues.csv</code>; a reviewed copy named in <code>data.exclude</code> leaves them "
+            f"out.</p>" + _img(paths.DATA_PLOTS / "label_issues.png", "suspected label errors, worst first"))
+
+
+def learning_curve_part() -> str:
+    m = _metrics("learning_curve")
+    if m is None:
+        return ""
+    law = m["power_law"]
+    points = pd.DataFrame([{"share of training rows": f"{q['fraction']:.0%}", "rows": f"{q['rows']:.0f}",
+                            "CV accuracy": f"{q['accuracy_mean']:.4f} ± {q['accuracy_sd']:.4f}"} for q in m["points"]])
+    return (f"<h3>Would more labels help?</h3><p>{html.escape(m['design'])} trained on part of each fold's training "
+            f"rows, scored on the fold's held-out rows. A power law (error = a·n<sup>-b</sup>, b = {law['b']:.3f}) "
+            f"says doubling the labels would gain about <b>{law['gain_2x_points']:.1f} points</b> "
+            f"({100 * law['fitted_accuracy']:.1f} → {100 * law['accuracy_2x']:.1f} %).</p>" + _table(points)
+            + _img(paths.DATA_PLOTS / "learning_curve.png", "learning curve over the amount of data"))
 
 
 def diagnosis_section(found: dict[str, list]) -> str:

@@ -8,6 +8,8 @@ every output (under `.dvc/tmp`), so only new or changed files are read.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from pipeline import inventory, io, manifest, params, paths
@@ -21,6 +23,9 @@ def main(argv=None) -> int:
                                  root=manifest.root_of(data))
     except FileNotFoundError as e:
         raise SourceError(str(e)) from None
+    if data.exclude:  # the reviewed list of files to leave out: editing it reruns split too
+        listed = Path(data.exclude).expanduser()
+        rows.append({"path": "data.exclude", "state": io.sha256_file(listed) if listed.is_file() else "missing"})
     io.write_csv(paths.SOURCE_INDEX, pd.DataFrame(rows, columns=["path", "state"]))
     outside = sum(r["state"] == inventory.OUTSIDE_ROOT for r in rows)
     print(f"sources: {len(rows)} files listed in {paths.SOURCE_INDEX}"

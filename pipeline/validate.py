@@ -4,7 +4,8 @@ Two expectation suites run on the split table. `rows` checks every row: known cl
 no nulls, known splits, unique paths, decodable images with both sides >= `validate.min_side`. Files failing the
 last two are skipped (listed in the report; the cache stage leaves them out) or fail the stage
 (`validate.on_undecodable`). `dataset` checks the kept rows as a whole: an exact duplicate (same sha256) never
-straddles two splits or two classes, every class is in every used split, each class's share of a split stays
+straddles two splits or two classes, nor does a near-copy group (`near_copy`, from the split stage) straddle two
+splits, every class is in every used split, each class's share of a split stays
 within `validate.share_gap` (plus two images' worth) of its share of all splits together, and duplicate images are
 reported or fail (`validate.duplicates`). A rare class is data, not an error: the natural shares are reported
 (`class_shares`), and class weights and thresholds deal with them; shares that differ between splits beyond what a
@@ -20,7 +21,7 @@ import pandas as pd
 
 from pipeline import inventory, io, params, paths, tracking
 
-SPLIT_VALUES = (*paths.SPLITS, "unused")
+SPLIT_VALUES = (*paths.SPLITS, "unused", "excluded")
 NOT_NULL = ("path", "class_name", "label", "split", "decodable")
 REQUIRED = (*NOT_NULL, "sha256", "width", "height")
 INDEX_COLUMNS = ["path", "split", "class_name"]  # GX names each unexpected row by these
@@ -48,7 +49,9 @@ def _suites(p: params.Validate, classes: list[str], used: list[str]):
                gxe.ExpectColumnValuesToBeInSet(column="splits_per_sha256", value_set=[1]),
                gxe.ExpectColumnValuesToBeInSet(column="classes_per_sha256", value_set=[1]),
                gxe.ExpectColumnValuesToBeUnique(column="sha256",
-                                                severity="critical" if p.duplicates == "fail" else "warning")]
+                                                severity="critical" if p.duplicates == "fail" else "warning"),
+               gxe.ExpectColumnValuesToBeInSet(column="splits_per_near_copy", value_set=[1],
+                                               severity="critical" if p.duplicates == "fail" else "warning")]
     for split in used:
         here = Column("split") == split
         dataset += [gxe.ExpectColumnDistinctValuesToContainSet(column="class_name", value_set=classes,
@@ -126,6 +129,9 @@ def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dic
     by_sha = kept.groupby("sha256")
     kept["splits_per_sha256"] = by_sha["split"].transform("nunique")
     kept["classes_per_sha256"] = by_sha["class_name"].transform("nunique")
+    near = kept["near_copy"].where(kept["near_copy"].astype(str) != "") if "near_copy" in kept else \
+        pd.Series(None, index=kept.index, dtype=object)
+    kept["splits_per_near_copy"] = kept.groupby(near)["split"].transform("nunique").fillna(1).astype(int)
     kept["class_share"] = (kept.groupby(["split", "class_name"])["path"].transform("size")
                            / kept.groupby("split")["path"].transform("size"))
     shares = class_shares(kept, classes)
@@ -139,11 +145,17 @@ def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dic
     duplicates = sorted(sorted(g.dropna()) for _, g in kept[kept["path"].isin(dup_files)].groupby("sha256")["path"])
     return {"success": all(e["success"] or e["severity"] != "critical" for e in entries),
             "skipped": sorted(reasons) if p.on_undecodable == "skip" else [], "reasons": reasons,
-            "duplicates": duplicates, "expectations": entries, "n_images": len(t), "n_kept": len(kept),
+            "duplicates": duplicates, "near_copies": near_copy_groups(kept, near), "expectations": entries, "n_images": len(t), "n_kept": len(kept),
             "counts": {s: {c: int(((kept["split"] == s) & (kept["class_name"] == c)).sum()) for c in classes}
                        for s in SPLIT_VALUES if (kept["split"] == s).any()},
             "class_shares": shares,
             "params": p.model_dump(mode="json")}
+
+
+def near_copy_groups(kept: pd.DataFrame, near: pd.Series) -> list[dict]:
+    """Every near-copy group (`split.near_copy_bits`): its files, the splits and classes they are in."""
+    return [{"files": sorted(g["path"]), "splits": sorted(set(g["split"])), "classes": sorted(set(g["class_name"]))}
+            for _, g in kept.groupby(near, sort=True)]
 
 
 def class_shares(kept: pd.DataFrame, classes: list[str]) -> dict:
@@ -185,6 +197,14 @@ def summary_md(report: dict) -> str:
     if report["duplicates"]:
         lines += ["", "## Duplicate images (same sha256)", ""]
         lines += [f"- {cell(', '.join(g))}" for g in report["duplicates"]]
+    near = report.get("near_copies") or []
+    if near:
+        mixed = sum(len(g["classes"]) > 1 for g in near)
+        lines += ["", f"## Near-copies (perceptual hash under flips and 90° turns): {len(near)} groups, "
+                  f"{sum(len(g['files']) for g in near)} images, {mixed} with more than one class", "",
+                  "| files | splits | classes |", "|---|---|---|"]
+        lines += [f"| {cell(', '.join(g['files']))} | {', '.join(g['splits'])} | {cell(', '.join(g['classes']))} |"
+                  for g in near]
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +227,7 @@ def main(argv=None) -> int:
         if run:
             run.log_metrics({"n_images": report["n_images"], "n_kept": report["n_kept"],
                              "n_skipped": len(report["skipped"]), "n_duplicate_groups": len(report["duplicates"]),
+                             "n_near_copy_groups": len(report["near_copies"]),
                              "success": float(report["success"])})
             tracking.log_files(run, paths.VALIDATE_REPORT, paths.VALIDATE_SUMMARY)
             if not report["success"]:
@@ -214,7 +235,8 @@ def main(argv=None) -> int:
     met = sum(e["success"] for e in report["expectations"])
     print(f"validate: {'passed' if report['success'] else 'FAILED'}, {met}/{len(report['expectations'])} expectations "
           f"met; {report['n_kept']}/{report['n_images']} images kept, {len(report['skipped'])} skipped, "
-          f"{len(report['duplicates'])} duplicate groups (see {paths.VALIDATE_SUMMARY})")
+          f"{len(report['duplicates'])} duplicate groups, {len(report['near_copies'])} near-copy groups "
+          f"(see {paths.VALIDATE_SUMMARY})")
     for path in report["skipped"][:LIST]:
         print(f"  skipped {path}: {report['reasons'][path]}")
     if len(report["skipped"]) > LIST:

@@ -25,7 +25,8 @@ DAGS = ROOT / "dags"
 BIN = Path(sys.executable).parent
 HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "torch")
 # with the project's params.yaml: fine-tuning is opt-in (`finetune.start_from: []`), so DVC has no finetune stage
-STAGES = ("sources", "split", "validate", "cache", "extract", "cv", "choose", "head", "bagging", "ensemble", "evaluate")
+STAGES = ("sources", "split", "validate", "cache", "extract", "near_copies", "cv", "choose", "label_issues",
+          "learning_curve", "head", "bagging", "ensemble", "evaluate")
 
 # The tiny project's params: TINY_PARAMS (conftest) with 1-2 epochs everywhere and no retries, so a failing
 # stage fails the DAG run at once.
@@ -122,15 +123,16 @@ def test_pipeline_dag_structure(dagbag):
     assert dag["max_active_runs"] == params["schedule"]["max_active_runs"] == 1
     up = {t: set(v["upstream"]) for t, v in tasks.items()}
     assert up == {"commit": set(), "sources": {"commit"}, "split": {"sources"}, "validate": {"split"}, "cache": {"validate"},
-                  "extract": {"cache"}, "cv": {"extract"}, "choose": {"cv"}, "head": {"choose"}, "bagging": {"choose"},
-                  "ensemble": {"bagging", "head"}, "evaluate": {"ensemble"},
+                  "extract": {"cache"}, "near_copies": {"extract"}, "cv": {"extract"}, "choose": {"cv"},
+                  "label_issues": {"choose"}, "learning_curve": {"choose"}, "head": {"choose"}, "bagging": {"choose"},
+                  "ensemble": {"bagging", "head"}, "evaluate": {"ensemble", "near_copies", "label_issues", "learning_curve"},
                   "register": {"evaluate"}}
     assert {t for t, v in tasks.items() if v["mapped"]} == {"cv", "bagging"}
     folds = params["cv"]["folds"]  # a matrix stage: one mapped task instance per combination, as DVC names them
     assert dag["expand"] == {"cv": [f"{d}-{k}" for d in params["head"]["designs"] for k in folds],
                              "bagging": [f"{m}-{k}" for m in params["bagging"]["members"] for k in folds]}
-    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "bagging"}
-    assert {tasks[t]["queue"] for t in ("extract", "cv", "bagging")} == {params["schedule"]["gpu_queue"]}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "learning_curve", "bagging"}
+    assert {tasks[t]["queue"] for t in ("extract", "cv", "learning_curve", "bagging")} == {params["schedule"]["gpu_queue"]}
     assert all(v["retries"] == params["schedule"]["retries"] and v["backoff"] == 2.0 for t, v in tasks.items()
                if t != "commit")
     # an empty foreach list skips its mapped task; that must not skip what follows
@@ -146,7 +148,7 @@ def test_retrain_dag_structure(dagbag):
     assert tasks["commit"]["upstream"] == ["new_data"] and tasks["sources"]["upstream"] == ["commit"]
     assert tasks["register"]["upstream"] == ["evaluate"]
     assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
-    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "bagging"}
+    assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "learning_curve", "bagging"}
 
 
 def test_stage_commands_run_one_dvc_stage_with_the_venv_first(tmp_path):

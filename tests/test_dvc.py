@@ -53,8 +53,8 @@ def repo(tmp_path_factory):
 def test_repro_then_noop_then_one_param(repo):
     dest, env, _ = repo
     first = sh("dvc repro", dest, env)
-    all_stages = {"sources", "split", "validate", "cache", "extract", *CV, "head", "finetune@head", *MEMBERS,
-                  "ensemble", "evaluate"}
+    all_stages = {"sources", "split", "validate", "cache", "extract", "near_copies", *CV, "label_issues",
+                  "learning_curve", "head", "finetune@head", *MEMBERS, "ensemble", "evaluate"}
     assert ran(first) == all_stages
     report = json.loads((dest / "metrics/evaluate.json").read_text())
     assert report["models"]["head"]["test"]["n"] == 4  # 10 per class: 5 train, 3 val, 2 test

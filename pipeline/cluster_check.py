@@ -83,9 +83,10 @@ def snapshot(src: Path, dest: Path, params_over: dict) -> str:
 
 
 def rounded(value, digits: int = 4):
-    """A metrics JSON to its printed precision."""
+    """A metrics JSON to its printed precision; NaN (a figure a slice cannot have, such as ROC AUC over one class) as
+    None, so that two equal reports compare equal."""
     if isinstance(value, float):
-        return round(value, digits)
+        return None if value != value else round(value, digits)
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, list):

@@ -9,11 +9,13 @@ test figures are reported for every model and used for no choice (the registry's
 the candidate and the registered version on the current test split, as a hold-out neither was chosen on).
 `metrics/evaluate.json`:
 
-    {"selected": name, "selected_by": "...", "models": {name: {"threshold": t, "cv": {...}, "test": {...}}}}
+    {"selected": name, "selected_by": "...",
+     "models": {name: {"threshold": t, "cv": {...}, "test": {...}, "slices": {column: {value: {"cv", "test"}}}}}}
 
 with accuracy (and, for CV, its mean ± SD over folds), balanced accuracy, precision, recall, F1, ROC AUC, log loss,
-confusion matrix and n. Then ROC / confusion / calibration plots (PNG for every model, CSV of the delivered one
-for `dvc plots`), the report page (`pipeline.report`: diagnosis of every training history, error gallery,
+confusion matrix and n, for all rows and per slice: each value of the split-table columns `evaluate.slice_by`
+(ELPV's cell type, mono or poly). The pipeline run's parent in MLflow gets the headline figures. Then ROC /
+confusion / calibration plots (PNG for every model, CSV of the delivered one for `dvc plots`), the report page (`pipeline.report`: diagnosis of every training history, error gallery,
 Grad-CAM overlays) and the delivered model offered to the gated MLflow registry.
 """
 from __future__ import annotations
@@ -76,6 +78,57 @@ def evaluate(scored: dict[str, dict], thresholds: dict[str, float]) -> dict:
                   **{k: folds[k] for k in ("accuracy_mean", "accuracy_sd", "accuracy_se", "folds")}}
         results[name] = {"threshold": t, "cv": cv, "test": score(pr["test_y"], pr["test_prob"], t, pr.get("classes"))}
     return results
+
+
+def slice_values(columns: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """{column: {"cv": value per train+val row (in `features.train_val` order), "test": value per test row}} for each
+    of `columns` (`evaluate.slice_by`) that the split table has."""
+    table = pd.read_csv(paths.SPLIT_TABLE, keep_default_na=False)
+    present = [c for c in columns if c in table]
+    index = pd.read_csv(paths.CACHE_DIR / "index.csv").merge(table[["path", *present]], on="path", how="left")
+    rows = {"cv": pd.concat([index[index["split"] == s] for s in ("train", "val")]), "test": index[index["split"] == "test"]}
+    return {c: {part: r[c].astype(str).to_numpy() for part, r in rows.items()} for c in present}
+
+
+def slices(scored: dict[str, dict], results: dict, values: dict[str, dict[str, np.ndarray]]) -> None:
+    """Every figure of every model per slice (TFMA's sliced metrics): `results[name]["slices"][column][value]` =
+    {"cv": out-of-fold figures or None, "test": test figures}, at the model's threshold."""
+    for name, pr in scored.items():
+        t, out = results[name]["threshold"], {}
+        for column, parts in values.items():
+            out[column] = {}
+            for value in sorted(set(parts["test"]) | set(parts["cv"])):
+                here = {}
+                for part, prefix in (("cv", "cv_"), ("test", "test_")):
+                    rows = parts[part] == value
+                    ok = f"{prefix}prob" in pr and rows.any() and len(rows) == len(pr[f"{prefix}y"])
+                    here[part] = score(pr[f"{prefix}y"][rows], pr[f"{prefix}prob"][rows], t, pr.get("classes")) \
+                        if ok else None
+                out[column][value] = here
+        results[name]["slices"] = out
+
+
+def headline(results: dict, selected: str) -> dict[str, float]:
+    """What a parent run shows in MLflow's compare view: the delivered model's CV and test figures, and what the data
+    checks found (when they ran)."""
+    r = results[selected]
+    out = {f"test_{k}": r["test"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")}
+    if r["cv"]:
+        out.update({"cv_accuracy": r["cv"]["accuracy_mean"], "cv_accuracy_sd": r["cv"]["accuracy_sd"],
+                    "cv_macro_f1": r["cv"]["macro_f1"], "cv_roc_auc": r["cv"]["roc_auc"]})
+    checks = {"label_issues": ("label_issues", "issues"), "near_copies": ("near_copies", "hash", "images"),
+              "leaks": ("near_copies", "leaks"), "gain_2x_points": ("learning_curve", "power_law", "gain_2x_points")}
+    for key, (file, *path) in checks.items():
+        if (paths.METRICS / f"{file}.json").exists():
+            value = io.read_json(paths.METRICS / f"{file}.json")
+            for k in path:
+                value = value[k]
+            out[key] = float(value)
+    return out
+
+
+def _metric_key(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(text))
 
 
 def select(results: dict, bagged: int | None) -> str:
@@ -154,6 +207,7 @@ def main(argv=None) -> int:
         scored = {m: load_predictions(m) for m in p.models}
         predictions.same_rows(scored)
         results = evaluate(scored, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
+        slices(scored, results, slice_values(p.slice_by))
         bagged = io.read_json(paths.METRICS / "cv_bagging.json")["members"] if "bagging" in p.models else None
         selected = select(results, bagged)
         summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}
@@ -170,7 +224,12 @@ def main(argv=None) -> int:
             run.log_metrics({f"{m}_{s}_{k}": v for m, s, r in scored_splits for k, v in r.items() if isinstance(v, float)})
             run.log_metrics({f"{m}_{s}_recall_{c}": v["recall"] for m, s, r in scored_splits
                              for c, v in r["per_class"].items()})
+            run.log_metrics({_metric_key(f"{m}_{s}_{col}.{val}_{k}"): r[s][k]
+                             for m, res in results.items() for col, by in res["slices"].items()
+                             for val, r in by.items() for s in ("cv", "test") if r[s]
+                             for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc") if r[s][k] == r[s][k]})
             tracking.log_files(run, paths.METRICS / "evaluate.json", *drawn)
+        tracking.log_headline(headline(results, selected), {"selected_model": selected})
     for name, r in results.items():
         cv = f"CV accuracy {r['cv']['accuracy_mean']:.4f} ± {r['cv']['accuracy_sd']:.4f}" if r["cv"] else "no CV"
         print(f"evaluate {name:9s}{' *' if name == selected else '  '} {cv}  "

@@ -212,6 +212,7 @@ class Gate(Section):
 
 class Evaluate(Section):
     models: list[Literal["head", "finetune", "bagging"]] = ["head", "bagging"]
+    slice_by: list[str] = ["type"]  # columns of data/split.csv to report every metric per value of (when present)
     gate: Gate = Gate()
 
 

@@ -210,6 +210,18 @@ def per_class_frame(result: dict) -> pd.DataFrame:
                          for c in classes])
 
 
+def slices_frame(result: dict) -> pd.DataFrame:
+    """One model's figures per slice (`evaluate.slice_by`): out of fold (CV) and on test."""
+    rows = []
+    for column, by in (result.get("slices") or {}).items():
+        for value, r in by.items():
+            rows.append({"slice": f"{column} = {value}",
+                         **{f"{s} {k}": (f"{r[s][k]:.4f}" if k != "n" else str(r[s][k])) if r[s] else "-"
+                            for s in ("cv", "test") for k in ("n", "accuracy", "balanced_accuracy", "macro_f1",
+                                                               "roc_auc")}})
+    return pd.DataFrame(rows)
+
+
 def data_section() -> str:
     summary = io.read_json(paths.SPLIT_SUMMARY)
     counts = pd.DataFrame(summary["counts"]).reindex(columns=list(paths.SPLITS)).fillna(0).astype(int)
@@ -309,6 +321,7 @@ img{max-width:100%;border:1px solid #ddd}figcaption{font-size:12px;color:#555}h2
 def write_page(target: Path, *, title: str, results: dict, selected: str, selected_by: str,
                found: dict[str, list], pictures: list[tuple[Path, str]], notes: list[str] = ()) -> Path:
     """The static page: every figure embedded, no external resource."""
+    sliced = slices_frame(results[selected])
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<h2>Data</h2>", data_section(),
              "<h2>Training curves: diagnosis</h2>", diagnosis_section(found),
@@ -317,6 +330,7 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
              f"over train+val; test figures are reported for every model and used for no choice.</p>",
              _table(metrics_frame(results), marked=selected),
              f"<p>Per class, {html.escape(selected)}:</p>", _table(per_class_frame(results[selected])),
+             *((f"<p>Per slice, {html.escape(selected)}:</p>", _table(sliced)) if len(sliced) else ()),
              *(f"<p>{html.escape(n)}</p>" for n in notes),
              "<h2>Figures</h2>", *(_img(p, alt) for p, alt in pictures if Path(p).exists())]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

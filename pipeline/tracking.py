@@ -5,6 +5,9 @@ parent run is found by its
 `pipeline_run_id` tag: Airflow sets PIPELINE_RUN_ID to its run id, `make run` to a timestamp; plain `dvc repro`
 derives one from params.yaml, so the stages of one configuration share a parent.
 
+- The parent carries every parameter of params.yaml (flattened keys: `head.dropout`), the git commit, the DVC
+  experiment's name under `dvc exp run`, and the headline figures (`log_headline`: the delivered model, its CV and
+  test figures, minutes per kind of stage): two pipeline runs line up in MLflow's compare view.
 - History is never rewritten: a stage that reruns adds a nested run beside the old one.
 - The parent's status follows its stages: FAILED while the latest run of any stage failed, FINISHED otherwise.
 - Every run carries its lineage (`pipeline.lineage`: git commit, split table hash, dvc.lock hash of its inputs) as
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from pipeline import io, lineage, params, paths
@@ -63,11 +67,47 @@ def setup(t: params.Tracking):
 
 
 def parent_run(client, exp_id: str, rid: str) -> str:
+    """The pipeline run's parent run (created by its first stage): every parameter of params.yaml under its flattened
+    key (`head.dropout`), the git commit and, under `dvc exp run`, the DVC experiment's name, so that MLflow's
+    compare view lines up two pipeline runs; the evaluate stage adds the headline figures (`log_headline`)."""
     found = client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role = 'parent'", max_results=1)
+    experiment = {"dvc_experiment": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}
     if found:
+        for k, v in experiment.items():
+            client.set_tag(found[0].info.run_id, k, v)
         return found[0].info.run_id
-    tags = {"pipeline_run_id": rid, "role": "parent", **lineage_tags({**lineage.git_commit(), **lineage.describe()})}
-    return client.create_run(exp_id, run_name=f"pipeline {rid}", tags=tags).info.run_id
+    tags = {"pipeline_run_id": rid, "role": "parent", **experiment,
+            **lineage_tags({**lineage.git_commit(), **lineage.describe()})}
+    run_id = client.create_run(exp_id, run_name=f"pipeline {rid}", tags=tags).info.run_id
+    from mlflow.entities import Param
+
+    flat = flatten(params.load().model_dump(mode="json", by_alias=True))
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(flat.items())])
+    return run_id
+
+
+def log_headline(figures: dict[str, float], tags: dict[str, str]) -> None:
+    """The pipeline run's headline figures on its parent run (the evaluate stage calls it): `figures`, plus the
+    minutes each kind of stage has run so far (`minutes.cv` sums every cv@design-fold run) and in all."""
+    if not enabled():
+        return
+    _, client, exp_id = setup(params.load().tracking)
+    rid = pipeline_run_id()
+    parent = parent_run(client, exp_id, rid)
+    minutes = {}
+    for r in client.search_runs([exp_id], f"tags.pipeline_run_id = '{rid}' and tags.role = 'stage'",
+                                max_results=5000):
+        if r.info.end_time:
+            kind = r.data.tags.get("stage", "?").split("@")[0]
+            minutes[kind] = minutes.get(kind, 0.0) + (r.info.end_time - r.info.start_time) / 60000
+    metrics = {**figures, **{f"minutes.{k}": round(v, 3) for k, v in minutes.items()},
+               "minutes.all_stages": round(sum(minutes.values()), 3)}
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
+    for k, v in tags.items():
+        client.set_tag(parent, k, v)
 
 
 def _close_orphans(client, exp_id: str, rid: str, stage: str) -> None:

@@ -72,6 +72,30 @@ def test_repro_then_noop_then_one_param(repo):
     member = sh("dvc exp run -S 'bagging.members=[1,2]'", dest, env)
     # one more candidate member: its folds, and the choice of how many join the head
     assert ran(member) == {"sources", "bagging@2-0", "bagging@2-1", "ensemble", "evaluate"}
+    # MLflow's compare view: one parent per pipeline run, every param under its flattened key, the headline figures
+    runs = {(r.data.params["finetune.learning_rate"], r.data.params["bagging.members"]): r
+            for r in parent_runs(env["MLFLOW_TRACKING_URI"])}
+    repro, exp_lr, exp_members = runs[("0.0003", "[1]")], runs[("0.001", "[1]")], runs[("0.001", "[1, 2]")]
+    assert differing(repro, exp_lr) == {"finetune.learning_rate"}
+    assert differing(exp_lr, exp_members) == {"bagging.members"}
+    for r in (repro, exp_lr, exp_members):
+        assert {"test_accuracy", "test_roc_auc", "test_macro_f1", "cv_accuracy", "minutes.all_stages"} <= set(r.data.metrics)
+        assert r.data.tags["selected_model"] in {"head", "bagging"} and len(r.data.tags["lineage.git_commit"]) == 40
+    assert repro.data.metrics["minutes.cv"] > 0 and exp_members.data.metrics["minutes.bagging"] > 0
+    assert "minutes.cv" not in exp_members.data.metrics  # that experiment reran the members, not the cv stages
+    assert "dvc_experiment" not in repro.data.tags and exp_lr.data.tags["dvc_experiment"] != exp_members.data.tags["dvc_experiment"]
+
+
+def parent_runs(uri: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("transfer-learning")
+    return client.search_runs([exp.experiment_id], "tags.role = 'parent'")
+
+
+def differing(a, b) -> set[str]:
+    return {k for k in a.data.params.keys() | b.data.params.keys() if a.data.params.get(k) != b.data.params.get(k)}
 
 
 def test_plots_and_metrics_render(repo):

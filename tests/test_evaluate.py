@@ -1,9 +1,12 @@
 """Evaluate stage: metrics match sklearn on the same predictions; the threshold and the delivered model come from
-cross-validation, never from test; exactly the models params name are read."""
+cross-validation, never from test; exactly the models params name are read; every metric per slice; the headline
+figures on the pipeline run's parent."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from sklearn import metrics as skm
 
 from conftest import MEMBERS, run_stages, set_params
@@ -91,3 +94,31 @@ def test_models_scored_on_different_rows_are_not_compared():
     predictions.same_rows({"head": a, "finetune": dict(a)})
     with pytest.raises(ValueError, match="different test rows"):
         predictions.same_rows({"head": a, "finetune": b})
+
+
+def test_every_metric_per_slice_and_the_headline_on_the_parent_run(trained_copy):
+    import mlflow
+
+    set_params({"evaluate": {"models": ["head"], "slice_by": ["class_name", "no_such_column"]}})
+    run_stages("evaluate")
+    report = json.loads((paths.METRICS / "evaluate.json").read_text())
+    head = report["models"]["head"]
+    assert set(head["slices"]) == {"class_name"}  # a column the split table lacks is left out, as in split.stratify
+    for split in ("cv", "test"):
+        by = {value: r[split] for value, r in head["slices"]["class_name"].items()}
+        assert sum(r["n"] for r in by.values()) == head[split]["n"]
+        for value, r in by.items():  # a slice by class: its accuracy is that class's recall
+            assert r["accuracy"] == pytest.approx(head[split]["per_class"][value]["recall"])
+    assert "Per slice" in Path("reports/index.html").read_text()
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("transfer-learning")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.pipeline_run_id = 'test-run' and tags.role = 'parent'")
+    m = parent.data.metrics
+    assert m["test_accuracy"] == pytest.approx(head["test"]["accuracy"])
+    assert m["cv_accuracy"] == pytest.approx(head["cv"]["accuracy_mean"]) and "test_macro_f1" in m
+    assert m["minutes.all_stages"] == 0  # no stage had finished before evaluate here (test_dvc counts real ones)
+    assert parent.data.tags["selected_model"] == "head"
+    assert parent.data.params["evaluate.slice_by"] == str(["class_name", "no_such_column"])
+    assert parent.data.params["head.dropout"] == str(yaml.safe_load(Path("params.yaml").read_text())["head"]["dropout"])
+    assert any(k.startswith("head_test_class_name.") for k in client.get_run(
+        client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'")[0].info.run_id).data.metrics)

@@ -28,14 +28,14 @@ def choose_count(y: np.ndarray, folds: np.ndarray, head: np.ndarray, member_prob
             "threshold": threshold, "threshold_rules": rules}
 
 
-def deliver(prm: params.Params, chosen: list[int], member_oof: list[np.ndarray], result: dict, run=None) -> None:
+def deliver(prm: params.Params, chosen: list[int], head_pred: dict, member_oof: list[np.ndarray], result: dict,
+            run=None) -> None:
     """Refit the `chosen` members on bootstrap resamples of all of train+val and save the head and them, behind their
-    backbones, as `models/bagging.keras`, with their predictions (`member_oof`: the chosen members' out-of-fold
-    probabilities, in order; `result`: what `choose_count` found)."""
+    backbones, as `models/bagging.keras`, with their predictions (`head_pred`: the head's prediction file;
+    `member_oof`: the chosen members' out-of-fold probabilities, in order; `result`: what `choose_count` found)."""
     p = heads.chosen(prm.head)
     pooled = p.features == "pooled"
     meta = io.read_json(paths.FEATURES_DIR / "meta.json")
-    head_pred = predictions.load("head")
     y, folds = head_pred["cv_y"], head_pred["cv_fold"]
     head_model, _ = models.load("head")
     groups = {None: [head_model.get_layer("classifier").get_layer("head")]}  # backbone -> heads, head first
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     with tracking.stage_run("ensemble", {"members": list(prm.bagging.members)}) as run:
         result = choose_count(head_pred["cv_y"], head_pred["cv_fold"], head_pred["cv_prob"], oof)
         chosen = list(prm.bagging.members)[:result["members"]]
-        deliver(prm, chosen, oof[:len(chosen)], result, run)
+        deliver(prm, chosen, head_pred, oof[:len(chosen)], result, run)
         io.write_json(paths.METRICS / "cv_bagging.json", result)
         if run:
             run.log_params({"members_chosen": len(chosen)})

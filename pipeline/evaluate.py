@@ -80,13 +80,14 @@ def evaluate(scored: dict[str, dict], thresholds: dict[str, float]) -> dict:
     return results
 
 
-def slice_values(columns: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """{column: {"cv": value per train+val row (in `features.train_val` order), "test": value per test row}} for each
-    of `columns` (`evaluate.slice_by`) that the split table has."""
+def slice_values(columns: list[str], cv_folds: list[int]) -> dict[str, dict[str, np.ndarray]]:
+    """{column: {"cv": value per out-of-fold row (the train+val rows of `cv_folds`, in `features.train_val` order),
+    "test": value per test row}} for each of `columns` (`evaluate.slice_by`) that the split table has."""
     table = pd.read_csv(paths.SPLIT_TABLE, keep_default_na=False)
     present = [c for c in columns if c in table]
     index = pd.read_csv(paths.CACHE_DIR / "index.csv").merge(table[["path", *present]], on="path", how="left")
-    rows = {"cv": pd.concat([index[index["split"] == s] for s in ("train", "val")]), "test": index[index["split"] == "test"]}
+    cv = pd.concat([index[index["split"] == s] for s in ("train", "val")])
+    rows = {"cv": cv[cv["fold"].isin(cv_folds)], "test": index[index["split"] == "test"]}
     return {c: {part: r[c].astype(str).to_numpy() for part, r in rows.items()} for c in present}
 
 
@@ -99,11 +100,16 @@ def slices(scored: dict[str, dict], results: dict, values: dict[str, dict[str, n
             out[column] = {}
             for value in sorted(set(parts["test"]) | set(parts["cv"])):
                 here = {}
-                for part, prefix in (("cv", "cv_"), ("test", "test_")):
+                for part in ("cv", "test"):
+                    if f"{part}_prob" not in pr:  # a model that was not cross-validated
+                        here[part] = None
+                        continue
+                    if len(parts[part]) != len(pr[f"{part}_y"]):
+                        raise ValueError(f"data/predictions/{name}.npz holds other {part} rows than {paths.CACHE_DIR}"
+                                         "/index.csv: rerun `dvc repro`")
                     rows = parts[part] == value
-                    ok = f"{prefix}prob" in pr and rows.any() and len(rows) == len(pr[f"{prefix}y"])
-                    here[part] = score(pr[f"{prefix}y"][rows], pr[f"{prefix}prob"][rows], t, pr.get("classes")) \
-                        if ok else None
+                    here[part] = score(pr[f"{part}_y"][rows], pr[f"{part}_prob"][rows], t, pr.get("classes")) \
+                        if rows.any() else None
                 out[column][value] = here
         results[name]["slices"] = out
 
@@ -207,7 +213,7 @@ def main(argv=None) -> int:
         scored = {m: load_predictions(m) for m in p.models}
         predictions.same_rows(scored)
         results = evaluate(scored, {m: models.threshold_of(models.read_meta(m)) for m in p.models})
-        slices(scored, results, slice_values(p.slice_by))
+        slices(scored, results, slice_values(p.slice_by, prm.cv.folds))
         bagged = io.read_json(paths.METRICS / "cv_bagging.json")["members"] if "bagging" in p.models else None
         selected = select(results, bagged)
         summary = {"selected": selected, "selected_by": SELECTED_BY, "models": results}

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from pipeline import io
+
 HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
@@ -41,6 +43,6 @@ def cached(files, cache_dir) -> dict[str, np.ndarray]:
     index = index[index["path"].isin(set(files))]
     out = {}
     for split, rows in index.groupby("split"):
-        x = np.load(cache_dir / f"{split}_x.npy", mmap_mode="r")
+        x = io.load_npy(cache_dir / f"{split}_x.npy")  # memory-mapped: only the rows asked for are read
         out.update({path: np.asarray(x[row]) for path, row in zip(rows["path"], rows["row"])})
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import features, figures, heads, io, models, params, paths, predictions, tracking
+from pipeline import features, figures, heads, io, params, paths, predictions, selection, tracking
 
 PICTURE = paths.DATA_PLOTS / "learning_curve.png"
 
@@ -42,20 +42,26 @@ def power_law(n, accuracy, floor: float) -> dict:
 def curve(x, y, folds, which, fractions, p: heads.Recipe, n_classes: int, seed: int, full: dict) -> dict:
     """Per fraction (then 1.0 from `full`: {fold: (probabilities, rows trained on)} of the cv stage), the fold
     accuracies and the rows trained on; with the power law."""
-    acc = {f: [] for f in fractions}
-    rows = {f: [] for f in fractions}
+    oof = {f: None for f in (*fractions, 1.0)}  # out-of-fold probabilities per fraction
+    rows = {f: [] for f in oof}
     jobs = [(k, f) for k in which for f in fractions]
-    for k, f in tqdm(jobs, desc="learning curve: fold x fraction", unit="fit"):
+    for k, f in tqdm(jobs + [(k, 1.0) for k in which], desc="learning curve: fold x fraction", unit="fit"):
         train_rows, held = features.fold_rows(folds, k)
-        sub = train_rows[subsample(y[train_rows], f, seed + k)]
-        prob, _, n_fit = heads.cross_fit(x, y, sub, held, n_classes, p, seed + k)
-        acc[f].append(float((models.labels(prob) == y[held]).mean()))
+        if f == 1.0:  # the cv stage's own fold
+            prob, n_fit = full[k][0], int(full[k][1])
+        else:
+            sub = train_rows[subsample(y[train_rows], f, seed + k)]
+            prob, _, n_fit = heads.cross_fit(x, y, sub, held, n_classes, p, seed + k)
+        if oof[f] is None:
+            oof[f] = np.zeros((len(y),) + np.shape(prob)[1:])
+        oof[f][held] = prob
         rows[f].append(n_fit)
-    acc[1.0] = [float((models.labels(full[k][0]) == y[folds == k]).mean()) for k in which]
-    rows[1.0] = [int(full[k][1]) for k in which]
-    points = [{"fraction": f, "rows": float(np.mean(rows[f])), "accuracy_mean": float(np.mean(acc[f])),
-               "accuracy_sd": float(np.std(acc[f], ddof=1)) if len(acc[f]) > 1 else 0.0, "fold_accuracy": acc[f]}
-              for f in (*fractions, 1.0)]
+    used = np.isin(folds, which)
+    points = []
+    for f, prob in oof.items():
+        s = selection.fold_scores(y[used], prob[used], folds[used])
+        points.append({"fraction": f, "rows": float(np.mean(rows[f])), "accuracy_mean": s["accuracy_mean"],
+                       "accuracy_sd": s["accuracy_sd"], "fold_accuracy": s["fold_accuracy"]})
     floor = 0.5 / int(np.isin(folds, which).sum())  # half an image wrong over all held-out rows
     law = power_law([q["rows"] for q in points], [q["accuracy_mean"] for q in points], floor)
     return {"design": p.design, "points": points, "power_law": law}

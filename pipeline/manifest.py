@@ -4,7 +4,8 @@ Manifest columns: path (relative to the data root, `root_of`, as POSIX: the same
 label, sha256, width, height, mode, decodable, error, phash (`pipeline.phash`: for finding near-copies), then the
 source's own columns (elpv: probability, type; csv: group and extras; folder with `existing_split: honour`:
 orig_split). Every file is hashed and fully decoded once here, in parallel, so validate can judge it without
-decoding again. Files a reviewed list names (`data.exclude`, e.g. suspected label errors) are left out, and said so.
+decoding again. Files a reviewed list names (`data.exclude`, e.g. suspected label errors) are marked `excluded`:
+split leaves them out of every split, and says so.
 A file outside the data root (`data.root`, else the folder or the manifest's folder), or a symlink that leads out of
 it, is not read: its row says so in `error` (`inventory.OUTSIDE_ROOT`). When no file of the source, or none of a
 class, can be read, ingesting stops with one message that says why and which key to change.

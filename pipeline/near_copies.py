@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from pipeline import features, figures, images, io, params, paths, tracking
+from pipeline import features, figures, images, io, params, paths, phash, tracking
 
 COLUMNS = ["kind", "group", "path", "split", "class_name", "leak"]
 PICTURE = paths.DATA_PLOTS / "near_copies.png"
@@ -35,12 +33,7 @@ def feature_groups(x: np.ndarray, threshold: float, chunk: int = 1024) -> np.nda
         a, b = np.nonzero(close)
         keep = start + a < b
         i.append(start + a[keep]), j.append(b[keep])
-    i, j = np.concatenate(i), np.concatenate(j)
-    if not len(i):
-        return np.full(len(z), -1)
-    _, label = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(z),) * 2), directed=False)
-    size = np.bincount(label)
-    return np.where(size[label] > 1, label, -1)
+    return phash.components(len(z), np.concatenate(i), np.concatenate(j))
 
 
 def find(split_table: pd.DataFrame, rows: pd.DataFrame, x: np.ndarray, cosine: float) -> pd.DataFrame:
@@ -53,12 +46,12 @@ def find(split_table: pd.DataFrame, rows: pd.DataFrame, x: np.ndarray, cosine: f
     number = feature_groups(x, cosine)
     found = rows[number >= 0].assign(group=number[number >= 0])
     if len(found):
-        found = found.merge(used[["path", "class_name"]], on="path", how="left", suffixes=("_", ""))
+        found = found.merge(used[["path", "class_name"]], on="path", how="left")
         found["group"] = found.groupby("group")["path"].transform("min")
         frames.append(found.assign(kind="features"))
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    trained = out[out["split"].isin(["train", "val"])].groupby(["kind", "group"]).size()
-    seen = set(trained.index)
+    out = pd.concat(frames, ignore_index=True)
+    trained = out[out["split"].isin(["train", "val"])]
+    seen = set(zip(trained["kind"], trained["group"]))
     out["leak"] = [s == "test" and (k, g) in seen for k, g, s in zip(out["kind"], out["group"], out["split"])]
     return out[COLUMNS].sort_values(["kind", "group", "path"], kind="stable").reset_index(drop=True)
 

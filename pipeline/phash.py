@@ -61,6 +61,14 @@ def groups(hexes: list[str], max_bits: int | None) -> np.ndarray:
     if not pairs:
         return np.full(n, -1)
     i, j, _ = np.asarray(pairs).T
+    return components(n, i, j)
+
+
+def components(n: int, i, j) -> np.ndarray:
+    """Near-copy groups from pairs (i[k], j[k]) of n images, joined transitively: a group number per image, -1 for
+    an image in no pair."""
+    if not len(i):
+        return np.full(n, -1)
     _, label = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)
     size = np.bincount(label)
     return np.where(size[label] > 1, label, -1)

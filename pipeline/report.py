@@ -282,7 +282,7 @@ def label_issues_part() -> str:
     return (f"<h3>Suspected label errors</h3><p>Confident learning (cleanlab, {html.escape(m['method'])}) on the "
             f"out-of-fold predictions of {html.escape(m['design'])}: <b>{m['issues']}</b> of {m['rows']} train+val "
             f"images ({100 * m['share']:.1f} %) look mislabelled ({pairs}). The list is "
-            f"<code>data/label_issues.csv</code>; a reviewed copy named in <code>data.exclude</code> leaves them "
+            f"<code>{paths.LABEL_ISSUES}</code>; a reviewed copy named in <code>data.exclude</code> leaves them "
             f"out.</p>" + _img(paths.DATA_PLOTS / "label_issues.png", "suspected label errors, worst first"))
 
 
@@ -332,7 +332,7 @@ def write_page(target: Path, *, title: str, results: dict, selected: str, select
              f"<p>Per class, {html.escape(selected)}:</p>", _table(per_class_frame(results[selected])),
              *((f"<p>Per slice, {html.escape(selected)}:</p>", _table(sliced)) if len(sliced) else ()),
              *(f"<p>{html.escape(n)}</p>" for n in notes),
-             "<h2>Figures</h2>", *(_img(p, alt) for p, alt in pictures if Path(p).exists())]
+             "<h2>Figures</h2>", *(_img(p, alt) for p, alt in pictures)]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     io.write_text(target, page)

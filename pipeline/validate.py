@@ -145,7 +145,8 @@ def validate(table: pd.DataFrame, p: params.Validate, classes: list[str]) -> dic
     duplicates = sorted(sorted(g.dropna()) for _, g in kept[kept["path"].isin(dup_files)].groupby("sha256")["path"])
     return {"success": all(e["success"] or e["severity"] != "critical" for e in entries),
             "skipped": sorted(reasons) if p.on_undecodable == "skip" else [], "reasons": reasons,
-            "duplicates": duplicates, "near_copies": near_copy_groups(kept, near), "expectations": entries, "n_images": len(t), "n_kept": len(kept),
+            "duplicates": duplicates, "near_copies": near_copy_groups(kept, near), "expectations": entries,
+            "n_images": len(t), "n_kept": len(kept),
             "counts": {s: {c: int(((kept["split"] == s) & (kept["class_name"] == c)).sum()) for c in classes}
                        for s in SPLIT_VALUES if (kept["split"] == s).any()},
             "class_shares": shares,

@@ -34,7 +34,7 @@ def test_the_kept_members_are_refit_and_averaged_with_the_head(trained_copy):
     prm = params.load()
     _, _, folds = features.train_val(pooled=True)
     kept = [predictions.out_of_fold("bagging/member_1", folds, [0, 1])]
-    ensemble.deliver(prm, [1], kept, {"threshold": 0.5})  # as if cross-validation had kept member 1
+    ensemble.deliver(prm, [1], predictions.load("head"), kept, {"threshold": 0.5})  # as if cross-validation had kept member 1
     model, meta = models.load("bagging")
     assert meta["parts"] == ["head", "bagging/member_1"] and meta["members"][0]["member"] == 1
     assert [l.name for l in model.get_layer("classifier").layers if isinstance(l, keras.Model)] == ["head", "member_1"]
@@ -73,7 +73,7 @@ def test_members_on_several_backbones(trained_copy):
     assert io.read_json(paths.FEATURES_DIR / "meta.json")["name"] == "small_cnn"
     _, _, folds = features.train_val(pooled=True)
     kept = [predictions.out_of_fold(f"bagging/member_{m}", folds, [0, 1]) for m in (1, 2)]
-    ensemble.deliver(params.load(), [1, 2], kept, {"threshold": 0.5})  # member 1 on Lite0, member 2 on small_cnn
+    ensemble.deliver(params.load(), [1, 2], predictions.load("head"), kept, {"threshold": 0.5})  # member 1 on Lite0, member 2 on small_cnn
     model, meta = models.load("bagging")
     assert [m["backbone"] for m in meta["members"]] == ["efficientnet_lite0", "small_cnn"]
     assert [b["name"] for b in meta["backbones"]] == ["small_cnn", "efficientnet_lite0"]

@@ -29,7 +29,7 @@ test: setup  ## the test suite (tiny data; real DVC, great-expectations, MLflow,
 report: setup  ## the run's report page (written by the evaluate stage): prints its path
 	@$(BIN)/python -m pipeline.report
 
-MODEL ?= models:/image-classifier/latest
+MODEL ?= models:/image-classifier@champion
 PORT  ?= 5001
 SERVE_ROOT ?=
 serve: setup  ## the registered model over HTTP on 127.0.0.1:$(PORT) (MODEL=models:/<name>/<version>; SERVE_ROOT=folder: `path`s allowed inside it)

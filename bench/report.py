@@ -124,6 +124,21 @@ def dvc_lines(d: dict, rss: dict | None) -> list[str]:
     return lines
 
 
+def export_lines(e: dict | None) -> list[str]:
+    """Latency per image of the delivered model in each format (group 6)."""
+    if not e:
+        return []
+    if e.get("skipped"):
+        return [f"exports: skipped ({e['skipped']})"]
+    lines = [f"exports of {e['model']} ({e['image_size']} px), one image per call:"]
+    for k, ms in e["ms_per_image"].items():
+        size = e["bytes"].get(k.rsplit("_", 1)[0] if k.startswith("tflite") else k)
+        speed = e["speedup_vs_keras"].get(k)
+        lines.append(f"   {k:22s} {fmt(ms, ' ms', 1):>10}  {fmt(size and size / 2**20, ' MiB', 2):>10}"
+                     + (f"  {fmt(speed, 'x', 2):>7} vs keras" if speed else ""))
+    return lines
+
+
 def table(results: dict) -> str:
     """The whole report as text: header, one block per group measured, then the goals."""
     blocks = [header(results)]
@@ -134,6 +149,7 @@ def table(results: dict) -> str:
     if results.get("finetune"):
         blocks.append(finetune_lines(results["finetune"]))
     blocks.append(dvc_lines(results.get("dvc"), results.get("stage_rss")))
+    blocks.append(export_lines(results.get("exports")))
     marks, listed = {True: "met", False: "MISSED", None: "not measured"}, goals(results)
     width = max((len(g["goal"]) for g in listed), default=0)
     if listed:

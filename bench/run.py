@@ -20,6 +20,9 @@ calls the stages' own functions:
 3. fine-tune step: `train_on_batch` of `finetune.build` (the top of the base unfrozen, `heads.build`'s head,
    `train.compile_for`) without augmentation, with `augment.Augment` first, and with Keras' own random layers;
 4. `dvc status` and a no-op `dvc repro`, only when the pipeline is up to date (otherwise the reason);
+6. exports (after `make run`): latency per image, one image per call, of the delivered `.keras` model, its
+   SavedModel (`models.export_saved_model`) and the export stage's TFLite float16 and int8 files, on the cache's
+   test images, with 1 thread for TFLite as the export stage scores (and all cores), and the ratios to Keras;
 5. with --stage-rss (slow: it RERUNS every stage), each stage's peak RSS.
 
 Data: the cats-vs-dogs photos beside the project (`../shared/datasets/cats_vs_dogs_small`, train split, read in
@@ -55,7 +58,8 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bench import report  # noqa: E402
-from pipeline import augment, backbones, cache, device, extract, finetune, heads, io, loader, params, train  # noqa: E402
+from pipeline import augment, backbones, cache, device, extract, finetune, heads, io, loader, models, params, paths, \
+    train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "datasets" / "cats_vs_dogs_small"
@@ -456,6 +460,43 @@ def bench_dvc() -> dict:
     return {**out, "repro_s": round(repro_s, 2), "repro_rc": rp.returncode, "stages_run": ran}
 
 
+def bench_exports(seconds: float) -> dict:
+    """Group 6: milliseconds per image (batch of one) of the delivered model in each exported format."""
+    import tensorflow as tf
+
+    report = ROOT / paths.METRICS / "export.json"
+    if not report.exists():
+        return {"skipped": "no metrics/export.json: run the pipeline (`make run`) first"}
+    name = io.read_json(report)["model"]
+    with contextlib.chdir(ROOT):
+        model, _ = models.load(name)
+        x = np.asarray(io.load_npy(paths.CACHE_DIR / "test_x.npy")[:16])
+        lite = {f"tflite_{k}_{t}t": models.load(str(paths.EXPORTS / f"model_{k}.tflite"), t)[0]
+                for k in ("float16", "int8") for t in sorted({1, usable_cpus()})}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    try:
+        saved = tf.saved_model.load(str(models.export_saved_model(model, tmp / "saved_model")))
+        state = {"i": 0}
+
+        def one(fn):
+            def call():
+                state["i"] = (state["i"] + 1) % len(x)
+                fn(x[state["i"]:state["i"] + 1])
+                return 1
+            return call
+
+        candidates = {"keras": one(lambda b: model.predict_on_batch(b)),
+                      "saved_model": one(lambda b: saved.serve(tf.constant(b, tf.float32)).numpy()),
+                      **{k: one(m.predict) for k, m in lite.items()}}
+        rates = compare(candidates, seconds, "exports: latency", warmup=2, min_calls=5)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ms = {k: None if not r.get("images_per_s") else 1000 / r["images_per_s"] for k, r in rates.items()}
+    sizes = {k: v["bytes"] for k, v in io.read_json(report)["formats"].items()}
+    return {"model": name, "image_size": int(x.shape[1]), "ms_per_image": ms, "bytes": sizes,
+            "speedup_vs_keras": {k: ratio(ms["keras"], v) for k, v in ms.items() if k != "keras"}}
+
+
 RSS_CHILD = """
 import json, resource, subprocess, sys, time
 t = time.perf_counter()
@@ -511,7 +552,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=None, help="per input-pipeline candidate (default 12, quick 1.5)")
     ap.add_argument("--model-seconds", type=float, default=None,
                     help="per extraction/fine-tune candidate (default 10 on CPU, 8 on an accelerator, quick 1)")
-    ap.add_argument("--skip", type=csv_list(), default=[], help="groups to leave out: input,extract,finetune,dvc")
+    ap.add_argument("--skip", type=csv_list(), default=[],
+                    help="groups to leave out: input,extract,finetune,dvc,exports")
     ap.add_argument("--stage-rss", action="store_true",
                     help="also rerun every pipeline stage (dvc repro -f -s) to record its peak RSS: slow, off by default")
     ap.add_argument("--data", type=Path, default=PHOTOS, help="a folder with train/{cats,dogs}/*.jpg")
@@ -561,6 +603,8 @@ def measure(args, dev: device.Device, tmp: Path, results: dict) -> None:
         results["finetune"] = [bench_finetune(b, s, pr, cache150[order], labels[order], args) for b, s, pr in runs]
     if "dvc" not in args.skip:
         results["dvc"] = bench_dvc()
+    if "exports" not in args.skip:
+        results["exports"] = bench_exports(args.model_seconds)
     results["stage_rss"] = (bench_stage_rss(tmp) if args.stage_rss else
                             {"skipped": "off by default (it reruns every stage): pass --stage-rss"})
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the project's two DAGs (`pipeline_dag.py`, `retrain_dag.py`); not a DAG itself.
+"""Helpers shared by the project's DAGs (`pipeline_dag.py`, `retrain_dag.py`, `score_dag.py`); not a DAG itself.
 
 `.airflowignore` keeps the DAG processor from parsing this file as a DAG; the DAG files import it by name (their
 folder is on `sys.path`: Airflow's DAG bundle puts it there, and the DAG files add it when loaded another way).
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import inventory, io
-from pipeline.params import Schedule
+from pipeline.params import Schedule, Score
 
 PROJECT = Path(__file__).resolve().parent.parent
 SOURCE_HASH_FILE = Path("data") / "source_hash.txt"
@@ -47,6 +47,11 @@ def load_params(root: Path = PROJECT) -> dict:
 def schedule(params: dict) -> dict:
     """The `schedule` section, validated by the params schema, with its defaults filled in."""
     return Schedule.model_validate(params.get("schedule") or {}).model_dump()
+
+
+def score_settings(params: dict) -> dict:
+    """The `score` section (the scoring DAG's folder, schedule and thresholds), validated, defaults filled in."""
+    return Score.model_validate(params.get("score") or {}).model_dump()
 
 
 def default_args(params: dict) -> dict:
@@ -231,13 +236,13 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list,
 def register_task(root: Path = PROJECT):
     """The `register` task: the selected model into the registry if it passes the gate and beats the registered
     version on the current test split (`python -m pipeline.registry register --if-better`; succeeds either way),
-    run where the evaluate stage's outputs are (`pipeline.workspace exec`)."""
+    run where the export stage's outputs are (`pipeline.workspace exec`), after the last stage."""
     from airflow.sdk import task
 
     @task.bash(task_id="register", **{**bash_kwargs(root), "env": {k: v for k, v in STAGE_ENV.items()
                                                                      if k != "PIPELINE_REGISTER"}})
     def register() -> str:
-        return in_project("python -m pipeline.workspace exec evaluate -- "
+        return in_project("python -m pipeline.workspace exec export -- "
                           "python -m pipeline.registry register --if-better", [], root)
 
     return register()

@@ -1,9 +1,9 @@
 """Choose stage: the head design and the threshold rule, chosen on cross-validation over train+val.
 
 It puts each design's folds (the cv stage) together into out-of-fold predictions for every train+val row, scores
-them fold by fold (mean ± SD of accuracy and log loss) and applies the one-standard-error rule
+them fold by fold (mean ± SD of balanced accuracy, accuracy and log loss) and applies the one-standard-error rule
 (`pipeline.selection`): the simplest design within one standard error of the best. On the chosen design's
-out-of-fold predictions the same rule picks the decision threshold (0.5, or one tuned for accuracy; two classes),
+out-of-fold predictions the same rule picks the decision threshold (0.5, or one tuned for balanced accuracy; two classes),
 and the refit's epoch count is the median of its folds' best epochs. Writes:
 
 - `data/cv/recipe.json`: what the head and bagging stages train (design, epochs, threshold);
@@ -26,7 +26,7 @@ def choose(y: np.ndarray, folds: np.ndarray, oof: dict[str, np.ndarray], best_ep
               for d, prob in oof.items()}
     design = selection.one_standard_error(scores, sorted(scores, key=selection.design_rank))
     rule, threshold, rules = selection.threshold_rule(y, oof[design], folds)
-    best = max(scores, key=lambda d: scores[d]["accuracy_mean"])
+    best = max(scores, key=lambda d: scores[d][f"{selection.FIGURE}_mean"])
     return {"chosen_by": selection.RULE, "design": design, "best_mean": best,
             "epochs": selection.best_epochs(best_epochs[design]), "threshold_rule": rule, "threshold": threshold,
             "threshold_rules": rules, "designs": scores, "rows": int(len(y))}
@@ -46,19 +46,19 @@ def oof_table(index: pd.DataFrame, y: np.ndarray, folds: np.ndarray, oof: dict[s
 
 
 def plot(result: dict, target) -> object:
-    """Each candidate's fold accuracies, mean ± one standard error, and the bar the rule draws."""
-    plt = figures.pyplot()
+    """Each candidate's fold balanced accuracies, mean ± one standard error, and the bar the rule draws."""
+    plt, f = figures.pyplot(), selection.FIGURE
     names = list(result["designs"])
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 3.8))
     for i, d in enumerate(names):
         s = result["designs"][d]
-        ax.plot([i] * len(s["fold_accuracy"]), s["fold_accuracy"], "o", color="lightgrey")
-        ax.errorbar(i, s["accuracy_mean"], yerr=s["accuracy_se"], fmt="s", capsize=6,
+        ax.plot([i] * len(s[f"fold_{f}"]), s[f"fold_{f}"], "o", color="lightgrey")
+        ax.errorbar(i, s[f"{f}_mean"], yerr=s[f"{f}_se"], fmt="s", capsize=6,
                     color="tab:green" if d == result["design"] else "tab:blue")
     best = result["designs"][result["best_mean"]]
-    ax.axhline(best["accuracy_mean"] - best["accuracy_se"], ls=":", color="grey", label="best mean - 1 SE")
+    ax.axhline(best[f"{f}_mean"] - best[f"{f}_se"], ls=":", color="grey", label="best mean - 1 SE")
     ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="CV accuracy (folds, mean ± SE)", title=f"head designs: chose {result['design']} (green)")
+    ax.set(ylabel="CV balanced accuracy (folds, mean ± SE)", title=f"head designs: chose {result['design']} (green)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     return figures.save(fig, target)
@@ -86,11 +86,13 @@ def main(argv=None) -> int:
             run.log_params({"chosen_design": result["design"], "threshold_rule": result["threshold_rule"],
                             "refit_epochs": result["epochs"]})
             run.log_metrics({f"cv_{d}_{k}": s[k] for d, s in result["designs"].items()
-                             for k in ("accuracy_mean", "accuracy_sd", "log_loss_mean")})
+                             for k in ("balanced_accuracy_mean", "balanced_accuracy_sd", "accuracy_mean", "accuracy_sd",
+                                       "log_loss_mean")})
             tracking.log_files(run, paths.METRICS / "cv.json", picture)
     for d, s in result["designs"].items():
-        print(f"choose {d:7s}{' *' if d == result['design'] else '  '} CV accuracy {s['accuracy_mean']:.4f} ± "
-              f"{s['accuracy_sd']:.4f} (SE {s['accuracy_se']:.4f}), log loss {s['log_loss_mean']:.4f}")
+        print(f"choose {d:7s}{' *' if d == result['design'] else '  '} CV balanced accuracy "
+              f"{s['balanced_accuracy_mean']:.4f} ± {s['balanced_accuracy_sd']:.4f} (SE {s['balanced_accuracy_se']:.4f}), "
+              f"accuracy {s['accuracy_mean']:.4f}, log loss {s['log_loss_mean']:.4f}")
     print(f"choose: {result['design']} by the one-standard-error rule; threshold {result['threshold_rule']} "
           f"({result['threshold']:.3f}); refit for {result['epochs']} epochs on {len(y[used])} train+val rows")
     return 0

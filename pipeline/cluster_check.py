@@ -5,7 +5,7 @@
    git repository of its own: the one the workers clone.
 2. A cluster comes up in a temporary state folder, with a 20-second task heartbeat timeout; meanwhile a plain
    `dvc repro` of the same commit runs on this machine: the reference.
-3. `transfer_pipeline` is triggered through the Airflow API. Once `evaluate` (the last stage) has opened its MLflow
+3. `transfer_pipeline` is triggered through the Airflow API. Once `evaluate` (a late stage) has opened its MLflow
    run, its worker is SIGKILLed with every process under it, as a machine would die.
 4. From the Airflow API: both workers ran tasks, mapped tasks (bagging members, folds) overlapped in time, the
    killed task was retried once on the other worker, the run succeeded. From the MLflow API: each stage of the run
@@ -49,7 +49,7 @@ CHECK_PARAMS = {
              "batch_size": 8, "learning_rate": 0.01},
     "bagging": {"members": [1], "backbones": []},
     "cv": {"folds": [0, 1]},
-    "evaluate": {"gate": {"min_accuracy": 0.0, "min_roc_auc": 0.0}},
+    "evaluate": {"gate": {"min_adjusted_balanced_accuracy": 0.0, "min_roc_auc": 0.0}},
     "schedule": {"cron": None, "retries": 1, "retry_delay_seconds": 2, "gpu_slots": 2, "max_active_runs": 2},
 }
 # outputs of the project's own last run: not the snapshot's

@@ -78,11 +78,13 @@ def main(argv=None) -> int:
         io.write_json(paths.METRICS / "cv_bagging.json", result)
         if run:
             run.log_params({"members_chosen": len(chosen)})
-            run.log_metrics({f"cv_members_{n}_accuracy_mean": s["accuracy_mean"] for n, s in result["counts"].items()})
+            run.log_metrics({f"cv_members_{n}_{k}": s[k] for n, s in result["counts"].items()
+                             for k in ("balanced_accuracy_mean", "accuracy_mean")})
             tracking.log_files(run, models.meta_path(NAME), paths.METRICS / "cv_bagging.json")
     for n, s in result["counts"].items():
-        print(f"ensemble head + {n} members{' *' if int(n) == len(chosen) else '  '} CV accuracy "
-              f"{s['accuracy_mean']:.4f} ± {s['accuracy_sd']:.4f} (SE {s['accuracy_se']:.4f})")
+        print(f"ensemble head + {n} members{' *' if int(n) == len(chosen) else '  '} CV balanced accuracy "
+              f"{s['balanced_accuracy_mean']:.4f} ± {s['balanced_accuracy_sd']:.4f} (SE {s['balanced_accuracy_se']:.4f}), "
+              f"accuracy {s['accuracy_mean']:.4f}")
     print(f"ensemble: the head and {len(chosen)} bagging member(s) by the one-standard-error rule -> {models.path(NAME)}")
     return 0
 

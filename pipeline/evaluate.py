@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline import figures, io, models, params, paths, predictions, registry, report, selection, tracking
+from pipeline import figures, io, models, params, paths, predictions, report, selection, tracking
 
 PLOTS = paths.PLOTS / "evaluate"
 SELECTED_BY = "cross-validation over train+val, the one-standard-error rule (pipeline.selection)"
@@ -50,6 +50,8 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, classes=None) -> di
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)) if len(y) else float("nan"),
+        # rescaled so that chance (1/K, K the classes present) is 0 and perfect 1: what evaluate.gate reads
+        "adjusted_balanced_accuracy": float(skm.balanced_accuracy_score(y, pred, adjusted=True)) if both else float("nan"),
         "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "precision": float(skm.precision_score(y, pred, average=avg, zero_division=0)),
         "recall": float(skm.recall_score(y, pred, average=avg, zero_division=0)),
@@ -75,7 +77,8 @@ def evaluate(scored: dict[str, dict], thresholds: dict[str, float]) -> dict:
         if "cv_prob" in pr:
             folds = selection.fold_scores(pr["cv_y"], pr["cv_prob"], pr["cv_fold"], t)
             cv = {**score(pr["cv_y"], pr["cv_prob"], t, pr.get("classes")),
-                  **{k: folds[k] for k in ("accuracy_mean", "accuracy_sd", "accuracy_se", "folds")}}
+                  **{k: folds[k] for k in ("accuracy_mean", "accuracy_sd", "accuracy_se", "balanced_accuracy_mean",
+                                           "balanced_accuracy_sd", "balanced_accuracy_se", "folds")}}
         results[name] = {"threshold": t, "cv": cv, "test": score(pr["test_y"], pr["test_prob"], t, pr.get("classes"))}
     return results
 
@@ -121,6 +124,7 @@ def headline(results: dict, selected: str) -> dict[str, float]:
     out = {f"test_{k}": r["test"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")}
     if r["cv"]:
         out.update({"cv_accuracy": r["cv"]["accuracy_mean"], "cv_accuracy_sd": r["cv"]["accuracy_sd"],
+                    "cv_balanced_accuracy": r["cv"]["balanced_accuracy_mean"],
                     "cv_macro_f1": r["cv"]["macro_f1"], "cv_roc_auc": r["cv"]["roc_auc"]})
     checks = {"label_issues": ("label_issues", "issues"), "near_copies": ("near_copies", "hash", "images"),
               "leaks": ("near_copies", "leaks"), "gain_2x_points": ("learning_curve", "power_law", "gain_2x_points")}
@@ -237,13 +241,12 @@ def main(argv=None) -> int:
             tracking.log_files(run, paths.METRICS / "evaluate.json", *drawn)
         tracking.log_headline(headline(results, selected), {"selected_model": selected})
     for name, r in results.items():
-        cv = f"CV accuracy {r['cv']['accuracy_mean']:.4f} ± {r['cv']['accuracy_sd']:.4f}" if r["cv"] else "no CV"
+        cv = (f"CV balanced accuracy {r['cv']['balanced_accuracy_mean']:.4f} ± {r['cv']['balanced_accuracy_sd']:.4f}, "
+              f"accuracy {r['cv']['accuracy_mean']:.4f}") if r["cv"] else "no CV"
         print(f"evaluate {name:9s}{' *' if name == selected else '  '} {cv}  "
-              f"test accuracy {r['test']['accuracy']:.4f}  ROC AUC {r['test']['roc_auc']:.4f}  "
+              f"test accuracy {r['test']['accuracy']:.4f}  balanced {r['test']['balanced_accuracy']:.4f}  ROC AUC {r['test']['roc_auc']:.4f}  "
               f"log loss {r['test']['log_loss']:.4f}  threshold {r['threshold']:.3f}  (n={r['test']['n']})")
     print(f"evaluate: delivers {selected} ({SELECTED_BY})")
-    if tracking.registering():
-        print(registry.register(if_better=True))
     return 0
 
 

@@ -3,6 +3,8 @@ decode with this one function, so an image gives the same array wherever it is r
 checks find those decoded copies in the cache (`cached`)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
@@ -35,6 +37,13 @@ def load_rgb(path, size: int, max_pixels: int | None = None) -> np.ndarray:
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
+
+
+def sample(cache_dir, split: str, n: int, seed: int) -> np.ndarray:
+    """`n` images of one split of the cache (a seeded draw without replacement, in cache order; all when fewer)."""
+    x = io.load_npy(Path(cache_dir) / f"{split}_x.npy")
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), min(n, len(x)), replace=False))
+    return np.asarray(x[rows])
 
 
 def cached(files, cache_dir) -> dict[str, np.ndarray]:

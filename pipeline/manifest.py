@@ -30,6 +30,7 @@ from pipeline.params import Data
 
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 ELPV_CLASSES = ["functional", "defective"]
+ELPV_LEVELS = {0.0: "p000", 0.3333: "p033", 0.6667: "p067", 1.0: "p100"}  # the annotators' defect probabilities
 
 
 class SourceError(ValueError):
@@ -53,11 +54,18 @@ def elpv_rows(p: Data) -> pd.DataFrame:
     except FileNotFoundError as e:
         raise SourceError(str(e)) from None
     table = pd.read_csv(root / "labels.csv", sep=r"\s+", header=None, names=["file", "probability", "type"])
-    defective = table["probability"] >= p.elpv_threshold
+    probability = table["probability"].round(4)
+    if p.elpv_labels == "levels":
+        names = probability.map(ELPV_LEVELS)
+        if names.isna().any():
+            raise SourceError(f"{root / 'labels.csv'}: defect probabilities {sorted(set(probability[names.isna()]))} are "
+                              f"not the four levels {sorted(ELPV_LEVELS)}: reinstall elpv-dataset or set data.elpv_labels: binary")
+    else:
+        names = [ELPV_CLASSES[int(d)] for d in table["probability"] >= p.elpv_threshold]
     return pd.DataFrame({
         "path": [inventory.relative(root / f, root_of(p)) for f in table["file"]],
-        "class_name": [ELPV_CLASSES[int(d)] for d in defective],
-        "probability": table["probability"].round(4),
+        "class_name": list(names),
+        "probability": probability,
         "type": table["type"],
     })
 
@@ -146,7 +154,7 @@ def ingest(p: Data, workers: int = 0) -> tuple[pd.DataFrame, list[str]]:
     table = READERS[p.source](p)
     if p.limit_per_class:
         table = table.groupby("class_name", sort=True, group_keys=False).head(p.limit_per_class)
-    classes = ELPV_CLASSES if p.source == "elpv" else sorted(table["class_name"].unique())
+    classes = ELPV_CLASSES if p.source == "elpv" and p.elpv_labels == "binary" else sorted(table["class_name"].unique())
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     workers = workers or os.cpu_count() or 1
     root = root_of(p)

@@ -32,6 +32,7 @@ from keras import ops  # noqa: E402
 from pipeline import io, paths  # noqa: E402
 
 SUFFIX = ".keras"
+TFLITE = ".tflite"  # the export stage's files: `load` and `predict` take them like a .keras file
 
 
 # ------------------------------------------------------------------------------------------------ decisions
@@ -43,13 +44,16 @@ def labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
-    """The validation threshold with the best accuracy (ties: the one nearest 0.5); NaN (argmax) for several classes."""
+    """The threshold with the best balanced accuracy (mean of the two classes' recalls; ties: the one nearest 0.5)
+    on these rows; NaN (argmax) for several classes."""
     prob = np.asarray(prob)
     if prob.ndim > 1:
         return float("nan")
     candidates = np.unique(np.concatenate([prob, [0.5]]))
-    acc = np.array([(labels(prob, t) == y).mean() for t in candidates])
-    best = candidates[acc == acc.max()]
+    called = prob[None, :] >= candidates[:, None]  # (threshold, row): called positive
+    recalls = [(called[:, y == c] == bool(c)).mean(1) for c in np.unique(y)]
+    score = np.mean(recalls, 0)
+    best = candidates[score == score.max()]
     return float(best[np.argmin(np.abs(best - 0.5))])
 
 
@@ -79,9 +83,10 @@ def threshold_of(meta: dict) -> float:
 # ------------------------------------------------------------------------------------------------ files
 
 def path(name: str) -> Path:
-    """`models/<name>.keras` for a model name such as 'head' or 'bagging/member_0'; a path is returned as is."""
+    """`models/<name>.keras` for a model name such as 'head' or 'bagging/member_0'; a path (.keras, .tflite) is
+    returned as is."""
     p = Path(name)
-    return p if p.suffix == SUFFIX else paths.MODELS / f"{name}{SUFFIX}"
+    return p if p.suffix in (SUFFIX, TFLITE) else paths.MODELS / f"{name}{SUFFIX}"
 
 
 def meta_path(name: str) -> Path:
@@ -141,16 +146,68 @@ def _same_bytes(file: Path) -> None:
                        compress_type=info.compress_type)
 
 
-def load(name: str):
-    """(model, meta) for a model name or `.keras` path; the model is ready to predict (not compiled)."""
+class TFLite:
+    """A `.tflite` file behind the `predict` of a Keras model: pixels (uint8 or float 0..255, (N, S, S, 3)) in,
+    probabilities out. A full-integer file's uint8 input and output are quantized and dequantized here with the
+    file's own scale and zero point. One image per invoke, on `threads` threads."""
+
+    def __init__(self, file: Path, threads: int = 1):
+        import tensorflow as tf
+
+        self.interpreter = tf.lite.Interpreter(model_path=str(file), num_threads=threads)
+        self.input, self.output = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
+        self.interpreter.resize_tensor_input(self.input["index"], [1, *self.input["shape"][1:]])
+        self.interpreter.allocate_tensors()
+
+    def predict(self, images, batch_size: int = 32, verbose: int = 0) -> np.ndarray:
+        dtype, out = self.input["dtype"], []
+        for image in np.asarray(images):
+            x = image[None].astype(np.float32)
+            if dtype != np.float32:
+                scale, zero = self.input["quantization"]
+                x = np.clip(np.round(x / scale + zero), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+            self.interpreter.set_tensor(self.input["index"], x)
+            self.interpreter.invoke()
+            y = self.interpreter.get_tensor(self.output["index"])[0]
+            if self.output["dtype"] != np.float32:
+                scale, zero = self.output["quantization"]
+                y = (y.astype(np.float32) - zero) * scale
+            out.append(y)
+        return np.stack(out).astype(np.float32)
+
+
+def inference_copy(model):
+    """The model with its training-only random layers (`RandomFlip`, `Dropout`: the identity at inference) as
+    `Identity`, sharing every other layer and weight: TFLite has no kernel for their random ops."""
+    random = (keras.layers.RandomFlip, keras.layers.Dropout, keras.layers.SpatialDropout1D,
+              keras.layers.SpatialDropout2D, keras.layers.GaussianNoise, keras.layers.GaussianDropout)
+
+    def swap(layer):
+        return keras.layers.Identity(name=layer.name) if isinstance(layer, random) else layer
+
+    return keras.models.clone_model(model, clone_function=swap, recursive=True)
+
+
+def export_saved_model(model, directory: Path) -> Path:
+    """The image-in model as a TensorFlow SavedModel (for TF Serving): endpoint `serve`, float32 pixels (N, S, S, 3)
+    in 0..255, probabilities out, as `predict` gives them. What the TFLite files are converted from."""
+    inference_copy(model).export(str(directory), format="tf_saved_model", verbose=False)
+    return Path(directory)
+
+
+def load(name: str, threads: int = 1):
+    """(model, meta) for a model name, a `.keras` path or a `.tflite` path (run on `threads` threads); the model is
+    ready to `predict` (not compiled)."""
     file = path(name)
     meta = read_meta(str(file))
     if not file.exists():
         raise FileNotFoundError(f"{file} not found beside {meta_path(str(file))}: rerun the stage that trains it")
     try:
-        model = keras.saving.load_model(file, custom_objects=custom_objects(), compile=False)
+        model = TFLite(file, threads) if file.suffix == TFLITE else \
+            keras.saving.load_model(file, custom_objects=custom_objects(), compile=False)
     except Exception as e:  # a truncated or foreign file: say which and what to do
-        raise ValueError(f"{file} cannot be loaded as a Keras model ({str(e).splitlines()[0][:200]}): "
+        kind = "TFLite" if file.suffix == TFLITE else "Keras"
+        raise ValueError(f"{file} cannot be loaded as a {kind} model ({str(e).splitlines()[0][:200]}): "
                          f"rerun the stage that wrote it") from None
     return model, meta
 

@@ -31,6 +31,7 @@ class Data(Section):
     path: Optional[str] = None
     root: Optional[str] = None  # the folder every file must be inside (tables name files relative to it)
     elpv_threshold: float = Field(0.5, gt=0, le=1)
+    elpv_labels: Literal["binary", "levels"] = "binary"  # levels: the four defect probabilities, one class each
     existing_split: Literal["honour", "pool"] = "pool"
     limit_per_class: Optional[int] = Field(None, gt=0)
     exclude: Optional[str] = None  # a reviewed CSV with a `path` column (as data/label_issues.csv): files left out
@@ -205,9 +206,15 @@ class Cv(Section):
     folds: list[int] = Field([0, 1, 2, 3, 4], min_length=2)  # which of split.folds cross-validation uses
 
 
+class Export(Section):
+    calibration_images: int = Field(100, ge=1)  # training images (seeded draw) that calibrate the int8 ranges
+    threads: int = Field(1, ge=1)  # TFLite threads while scoring (1: the same figures on any machine)
+
+
 class Gate(Section):
-    min_accuracy: float = Field(0.85, ge=0, le=1)
-    min_roc_auc: float = Field(0.90, ge=0, le=1)
+    # Figures that mean the same for any number of classes and any class shares (pipeline.selection):
+    min_adjusted_balanced_accuracy: float = Field(0.4, ge=0, le=1)  # balanced accuracy rescaled: chance 0, perfect 1
+    min_roc_auc: float = Field(0.85, ge=0, le=1)  # macro one-vs-rest for more than two classes
 
 
 class Evaluate(Section):
@@ -220,6 +227,14 @@ class Tracking(Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "transfer-learning"
     register_as: str = "image-classifier"
+
+
+class Score(Section):
+    inbox: str = "data/inbox"  # the folder the score_new_images DAG scores (a trigger may name another)
+    cron: Optional[str] = "0 6 * * *"  # null: only when triggered
+    low_confidence: float = Field(0.6, gt=0, le=1)  # a top-class probability below this is a low-confidence prediction
+    drift_threshold: float = Field(0.5, gt=0)  # pipeline.drift's figure above which the DAG's check_drift task fails
+    drift_min_images: int = Field(20, ge=1)  # smaller batches: the figure is logged, not judged (it is mostly noise)
 
 
 class Schedule(Section):
@@ -247,7 +262,9 @@ class Params(Section):
     label_issues: LabelIssues = LabelIssues()
     learning_curve: LearningCurve = LearningCurve()
     evaluate: Evaluate = Evaluate()
+    export: Export = Export()
     tracking: Tracking = Tracking()
+    score: Score = Score()
     schedule: Schedule = Schedule()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

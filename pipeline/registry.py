@@ -1,22 +1,36 @@
 """The gated model registry: the model evaluate selected (by cross-validation), logged as a pyfunc (`pipeline.serving`)
-and registered as `tracking.register_as` if it passes `evaluate.gate` and, with --if-better, scores better than the
-registered version on the current test split (both loaded as pyfunc models, scored on the same images).
+and registered as `tracking.register_as` if it passes `evaluate.gate` and, with --if-better, scores a better balanced
+accuracy than the version the alias `champion` points at on the current test split (both loaded as pyfunc models,
+scored on the same images). The comparison holds only between models trained on the same split (the versions'
+`lineage.split_sha256` tag): a champion trained on another split has seen some of today's test images, so a new
+split starts a new comparison. A registered version becomes the `champion`: what `make serve`, the README and the
+`score_new_images` DAG load (`models:/<name>@champion`).
 
-CLI: `python -m pipeline.registry register [--if-better]`. Only the evaluate stage imports it: the other stages'
-runs (`pipeline.tracking`) do not depend on the served model's code.
+Beside the pyfunc, the register run holds what the model is put to work as elsewhere: `saved_model/` (for TF
+Serving, `models.export_saved_model`), the export stage's TFLite files (`tflite/`) and their parity figures
+(metrics `export_<format>_<split>_<figure>`, from `metrics/export.json`).
+
+CLI: `python -m pipeline.registry register [--if-better]`. Only the export stage, the pipeline's last, imports it:
+the other stages' runs (`pipeline.tracking`) do not depend on the served model's code.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
+from pathlib import Path
 
 from pipeline import io, lineage, params, paths, tracking
+
+
+CHAMPION = "champion"  # the alias of the version in use
 
 
 def gate_failures(scores: dict, gate: params.Gate) -> list[str]:
     """Why `scores` fail the gate (empty: it passes). A missing or NaN metric fails."""
     out = []
-    for key, minimum in (("accuracy", gate.min_accuracy), ("roc_auc", gate.min_roc_auc)):
+    for key, minimum in (("adjusted_balanced_accuracy", gate.min_adjusted_balanced_accuracy),
+                         ("roc_auc", gate.min_roc_auc)):
         value = scores.get(key)
         if value is None or not isinstance(value, (int, float)) or math.isnan(value):
             out.append(f"{key} is {'missing' if value is None else value}")
@@ -34,16 +48,47 @@ def current_test_split():
     return x, np.array(classes, dtype=object)[y]
 
 
-def _accuracy(table, truth) -> float:
-    """Share of rows of a prediction table (`label` column) that match the true class names."""
-    import numpy as np
+def _balanced_accuracy(table, truth) -> float:
+    """Mean per-class recall of a prediction table (`label` column) against the true class names."""
+    from sklearn.metrics import balanced_accuracy_score
 
-    return float(np.mean(table["label"].to_numpy() == truth))
+    return float(balanced_accuracy_score(truth, table["label"].to_numpy().astype(object)))
 
 
 def latest_version(client, name: str):
     versions = client.search_model_versions(f"name = '{name}'")
     return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def champion(client, name: str):
+    """The version the alias `champion` points at, or None (no such model, or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def log_exports(mlflow, name: str, seed: int) -> None:
+    """Into the active run: model `name` as a SavedModel (`saved_model/`), the training images' feature statistics
+    its batches are compared with (`pipeline.drift`) and, when the export stage exported this model, its TFLite
+    files (`tflite/`) and parity figures."""
+    from pipeline import drift, images, models
+
+    model, _ = models.load(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(models.export_saved_model(model, Path(tmp) / "saved_model")), "saved_model")
+    train = images.sample(paths.CACHE_DIR, "train", drift.REFERENCE_IMAGES, seed)
+    mlflow.log_dict(drift.reference(model, train), drift.ARTIFACT)
+    report = paths.METRICS / "export.json"
+    if report.exists() and io.read_json(report).get("model") == name:
+        for file in sorted(paths.EXPORTS.glob("*.*")):
+            mlflow.log_artifact(str(file), "tflite")
+        mlflow.log_artifact(str(report), "tflite")
+        mlflow.log_metrics({f"export_{fmt}_{split}_{k}": float(v)
+                            for fmt, r in io.read_json(report)["formats"].items() for split in ("val", "test")
+                            for k, v in r[split].items() if k != "n"})
 
 
 def register(if_better: bool = False) -> str:
@@ -62,28 +107,35 @@ def register(if_better: bool = False) -> str:
     failures = gate_failures(scores["cv"], prm.evaluate.gate)
     if failures:
         return (f"not registered: {name} fails evaluate.gate on its out-of-fold (CV) figures: {'; '.join(failures)} "
-                f"(the gate asks accuracy >= {prm.evaluate.gate.min_accuracy}, ROC AUC >= {prm.evaluate.gate.min_roc_auc})")
+                f"(the gate asks adjusted balanced accuracy >= {prm.evaluate.gate.min_adjusted_balanced_accuracy}, "
+                f"ROC AUC >= {prm.evaluate.gate.min_roc_auc})")
     mlflow, client, exp_id = tracking.setup(prm.tracking)
     registered_as = prm.tracking.register_as
     comparison = {}
-    if if_better and (current := latest_version(client, registered_as)) is not None:
+    # the data and code the model came from (by content, from its JSON), and the commit that registers it
+    info = {**lineage.git_commit(), **(models.read_meta(name).get("lineage") or {})}
+    current = champion(client, registered_as) if if_better else None
+    if current is not None and current.tags.get("lineage.split_sha256") != str(info.get("split_sha256")):
+        print(f"register: the champion, version {current.version}, was trained on another split "
+              f"({current.tags.get('lineage.split_sha256', 'unknown')[:12]}, this model's {str(info.get('split_sha256'))[:12]}): "
+              "it may have seen today's test images, so a new split starts a new comparison")
+        current = None
+    if current is not None:
         images, truth = current_test_split()
-        new_acc = _accuracy(serving.local(models.path(name)).classify(images), truth)
+        new = _balanced_accuracy(serving.local(models.path(name)).classify(images), truth)
         try:
-            old_acc = _accuracy(mlflow.pyfunc.load_model(f"models:/{registered_as}/{current.version}").predict(images),
-                                truth)
+            old = _balanced_accuracy(mlflow.pyfunc.load_model(f"models:/{registered_as}/{current.version}")
+                                     .predict(images), truth)
         except Exception as e:  # noqa: BLE001 - e.g. a version logged before models took images
             print(f"register: version {current.version} cannot score images ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); it counts as no comparison")
-            old_acc = float("nan")
-        comparison = {"compared_with_version": current.version, "current_test_accuracy_new": new_acc,
-                      "current_test_accuracy_registered": old_acc, "current_test_n": len(truth)}
-        if not math.isnan(old_acc) and new_acc <= old_acc:
-            return (f"not registered: version {current.version} scores {old_acc:.4f} on the current test split "
-                    f"({len(truth)} images), {name} {new_acc:.4f}")
+            old = float("nan")
+        comparison = {"compared_with_version": current.version, "current_test_balanced_accuracy_new": new,
+                      "current_test_balanced_accuracy_champion": old, "current_test_n": len(truth)}
+        if not math.isnan(old) and new <= old:
+            return (f"not registered: the champion, version {current.version}, scores a balanced accuracy of {old:.4f} "
+                    f"on the current test split ({len(truth)} images), {name} {new:.4f}")
     rid = tracking.pipeline_run_id()
-    # the data and code the model came from (by content, from its JSON), and the commit that registers it
-    info = {**lineage.git_commit(), **(models.read_meta(name).get("lineage") or {})}
     parent = tracking.parent_run(client, exp_id, rid)
     tags = {"stage": "register", "role": "register", "pipeline_run_id": rid, "model": name,
             "selected_by": report.get("selected_by", ""), "mlflow.parentRunId": parent, **tracking.lineage_tags(info)}
@@ -95,14 +147,18 @@ def register(if_better: bool = False) -> str:
                 mlflow.log_metrics({k: float(v) for k, v in comparison.items()
                                     if k != "compared_with_version" and not math.isnan(v)})
             logged = serving.log_model(mlflow, models.path(name), registered_model_name=registered_as)
+            log_exports(mlflow, name, prm.seed)
     finally:
         tracking.settle_parent(client, exp_id, rid, parent)
     version = str(logged.registered_model_version)
     for k, v in {**tracking.lineage_tags(info), "model": name, "selected_by": report.get("selected_by", ""),
-                 "cv_accuracy": f"{scores['cv']['accuracy']:.4f}", "test_accuracy": f"{scores['test']['accuracy']:.4f}"}.items():
+                 "cv_accuracy": f"{scores['cv']['accuracy']:.4f}", "test_accuracy": f"{scores['test']['accuracy']:.4f}",
+                 "cv_balanced_accuracy": f"{scores['cv']['balanced_accuracy']:.4f}",
+                 "test_balanced_accuracy": f"{scores['test']['balanced_accuracy']:.4f}"}.items():
         client.set_model_version_tag(registered_as, version, k, v)
-    return (f"registered {name} as '{registered_as}' version {version} (CV accuracy "
-            f"{scores['cv']['accuracy']:.4f}, test {scores['test']['accuracy']:.4f}): {logged.model_uri}")
+    client.set_registered_model_alias(registered_as, CHAMPION, version)
+    return (f"registered {name} as '{registered_as}' version {version}, now @{CHAMPION} (CV balanced accuracy "
+            f"{scores['cv']['balanced_accuracy']:.4f}, test {scores['test']['balanced_accuracy']:.4f}): {logged.model_uri}")
 
 
 def main(argv=None) -> int:
@@ -110,7 +166,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     reg = sub.add_parser("register", help="register the selected model if it passes evaluate.gate")
     reg.add_argument("--if-better", action="store_true",
-                     help="only if it beats the registered version on the current test split")
+                     help=f"only if it beats the @{CHAMPION} version (same split) on the current test split")
     args = ap.parse_args(argv)
     print(register(if_better=args.if_better))
     return 0

@@ -193,8 +193,9 @@ def metrics_frame(results: dict) -> pd.DataFrame:
     for name, r in results.items():
         cv = r["cv"] or {}
         rows.append({"model": name, "threshold": f"{r['threshold']:.3f}",
-                     "CV accuracy (mean ± SD over folds)": f"{cv['accuracy_mean']:.4f} ± {cv['accuracy_sd']:.4f}"
-                     if cv else "not cross-validated",
+                     "CV balanced accuracy (mean ± SD over folds)":
+                         f"{cv['balanced_accuracy_mean']:.4f} ± {cv['balanced_accuracy_sd']:.4f}" if cv else
+                         "not cross-validated",
                      **{f"{s} {k}": f"{r[s][k]:.4f}" if r[s] else "-" for s in ("cv", "test")
                         for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "log_loss")}})
     return pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 """Where an Airflow task of the pipeline runs: this machine's working tree, or a cluster worker's own clone.
 
 Every stage task of the DAGs is `python -m pipeline.workspace stage <target>` (a dvc.yaml stage, or a foreach
-instance such as `bagging@1`); the `register` task is `... exec evaluate -- <command>`. Two modes, chosen by the
+instance such as `bagging@1`); the `register` task is `... exec export -- <command>`. Two modes, chosen by the
 worker's environment:
 
 - **One machine** (`PIPELINE_WORKSPACES` unset): the project's own working tree, holding its lock (`flock` on

@@ -71,7 +71,7 @@ def test_mlflow_holds_one_finished_run_per_stage(run):
     report, state = run
     runs = cluster_check.mlflow_stage_runs(state, report["dag_run"]["run_id"], "transfer-learning")
     stages = {"split", "validate", "extract", "cv@pooled-0", "cv@map-1", "choose", "head", "bagging@1-0",
-              "bagging@1-1", "ensemble", "evaluate", "register"}
+              "bagging@1-1", "ensemble", "evaluate", "export", "register"}
     assert stages <= set(runs), sorted(runs)
     for stage, statuses in runs.items():
         assert statuses.count("FINISHED") == 1 and set(statuses) <= {"FINISHED", "KILLED"}, (stage, statuses)

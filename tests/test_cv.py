@@ -52,18 +52,19 @@ def test_a_candidate_lucky_on_the_validation_split_loses_in_cv():
 
 
 def test_within_one_standard_error_the_simpler_wins_and_rounding_cannot_flip_it():
-    scores = {"map_hv": {"accuracy_mean": 0.86, "accuracy_se": 0.03},
-              "map_h": {"accuracy_mean": 0.84, "accuracy_se": 0.01},
-              "pooled": {"accuracy_mean": 0.80, "accuracy_se": 0.02}}
+    scores = {"map_hv": {"balanced_accuracy_mean": 0.86, "balanced_accuracy_se": 0.03},
+              "map_h": {"balanced_accuracy_mean": 0.84, "balanced_accuracy_se": 0.01},
+              "pooled": {"balanced_accuracy_mean": 0.80, "balanced_accuracy_se": 0.02}}
     order = sorted(scores, key=selection.design_rank)
     assert order == ["pooled", "map_h", "map_hv"]
     assert selection.one_standard_error(scores, order) == "map_h"  # 0.84 >= 0.86 - 0.03; pooled is not
     for eps in (1e-12, -1e-12):  # a rounding-size change to any score
-        nudged = {d: {**s, "accuracy_mean": s["accuracy_mean"] + eps * (i + 1)} for i, (d, s) in enumerate(scores.items())}
+        nudged = {d: {**s, "balanced_accuracy_mean": s["balanced_accuracy_mean"] + eps * (i + 1)} for i, (d, s) in enumerate(scores.items())}
         assert selection.one_standard_error(nudged, order) == "map_h"
-    at_bar = {**scores, "pooled": {"accuracy_mean": 0.83 - 1e-12, "accuracy_se": 0.0}}  # on the bar, give or take
+    at_bar = {**scores, "pooled": {"balanced_accuracy_mean": 0.83 - 1e-12, "balanced_accuracy_se": 0.0}}  # on the bar, give or take
     assert selection.one_standard_error(at_bar, order) == "pooled"
-    tie = {"map_h": {"accuracy_mean": 0.85, "accuracy_se": 0.0}, "map": {"accuracy_mean": 0.85, "accuracy_se": 0.0}}
+    tie = {"map_h": {"balanced_accuracy_mean": 0.85, "balanced_accuracy_se": 0.0},
+           "map": {"balanced_accuracy_mean": 0.85, "balanced_accuracy_se": 0.0}}
     assert selection.one_standard_error(tie, ["map", "map_h"]) == "map"  # a tie goes to the simpler, always
 
 

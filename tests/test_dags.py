@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY_PARAMS, copy_project, make_folder, merge
+from conftest import TINY_PARAMS, copy_project, make_folder, make_image, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
@@ -26,7 +28,7 @@ BIN = Path(sys.executable).parent
 HEAVY = ("tensorflow", "keras", "great_expectations", "mlflow", "dvc", "torch")
 # with the project's params.yaml: fine-tuning is opt-in (`finetune.start_from: []`), so DVC has no finetune stage
 STAGES = ("sources", "split", "validate", "cache", "extract", "near_copies", "cv", "choose", "label_issues",
-          "learning_curve", "head", "bagging", "ensemble", "evaluate")
+          "learning_curve", "head", "bagging", "ensemble", "evaluate", "export")
 
 # The tiny project's params: TINY_PARAMS (conftest) with 1-2 epochs everywhere and no retries, so a failing
 # stage fails the DAG run at once.
@@ -101,7 +103,7 @@ def dagbag(tmp_path_factory):
 
 def test_dagbag_imports_both_dags_and_skips_the_helper(dagbag):
     assert dagbag["errors"] == {}
-    assert set(dagbag["dags"]) == {"transfer_pipeline", "retrain_on_new_data"}
+    assert set(dagbag["dags"]) == {"transfer_pipeline", "retrain_on_new_data", "score_new_images"}
     assert not any(f.endswith("_common.py") for f in dagbag["files"]), ".airflowignore should keep the helper out"
 
 
@@ -126,7 +128,7 @@ def test_pipeline_dag_structure(dagbag):
                   "extract": {"cache"}, "near_copies": {"extract"}, "cv": {"extract"}, "choose": {"cv"},
                   "label_issues": {"choose"}, "learning_curve": {"choose"}, "head": {"choose"}, "bagging": {"choose"},
                   "ensemble": {"bagging", "head"}, "evaluate": {"ensemble", "near_copies", "label_issues", "learning_curve"},
-                  "register": {"evaluate"}}
+                  "export": {"evaluate"}, "register": {"export"}}
     assert {t for t, v in tasks.items() if v["mapped"]} == {"cv", "bagging"}
     folds = params["cv"]["folds"]  # a matrix stage: one mapped task instance per combination, as DVC names them
     assert dag["expand"] == {"cv": [f"{d}-{k}" for d in params["head"]["designs"] for k in folds],
@@ -139,6 +141,13 @@ def test_pipeline_dag_structure(dagbag):
     assert tasks["choose"]["trigger_rule"] == tasks["ensemble"]["trigger_rule"] == "none_failed"
 
 
+def test_score_dag_structure(dagbag):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    dag = dagbag["dags"]["score_new_images"]
+    assert dag["schedule"] == params["score"]["cron"] and dag["catchup"] is False and dag["max_active_runs"] == 1
+    assert {t: v["upstream"] for t, v in dag["tasks"].items()} == {"score": [], "check_drift": ["score"]}
+
+
 def test_retrain_dag_structure(dagbag):
     dag = dagbag["dags"]["retrain_on_new_data"]
     tasks = dag["tasks"]
@@ -146,7 +155,7 @@ def test_retrain_dag_structure(dagbag):
     assert_acyclic(tasks)
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
     assert tasks["commit"]["upstream"] == ["new_data"] and tasks["sources"]["upstream"] == ["commit"]
-    assert tasks["register"]["upstream"] == ["evaluate"]
+    assert tasks["register"]["upstream"] == ["export"]
     assert set(tasks["record_hash"]["upstream"]) == {"new_data", "register"}
     assert {t for t, v in tasks.items() if v["pool"] == "gpu"} == {"extract", "cv", "learning_curve", "bagging"}
 
@@ -180,7 +189,7 @@ print("PARSE_JSON" + json.dumps({"sdk": t1 - t0, "file": t2 - t1, "modules": sor
 """
 
 
-@pytest.mark.parametrize("dag_file", ["pipeline_dag.py", "retrain_dag.py"])
+@pytest.mark.parametrize("dag_file", ["pipeline_dag.py", "retrain_dag.py", "score_dag.py"])
 def test_dag_files_import_nothing_heavy(dag_file, tmp_path):
     proc = run([sys.executable, "-c", PARSE_PROBE, str(DAGS / dag_file)], airflow_env(tmp_path, DAGS), ROOT,
                timeout=120)
@@ -302,15 +311,44 @@ def test_pipeline_dag_end_to_end(airflow_project):
     assert parent["tags"]["pipeline_run_id"].startswith("manual__")  # the Airflow run id
     nested = [r["tags"]["stage"] for r in found if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
     expected = {"extract", "cv@pooled-0", "cv@map-1", "choose", "head", "finetune", "bagging@1-0", "bagging@1-1",
-                "ensemble", "evaluate"}
+                "ensemble", "evaluate", "export"}
     assert expected <= set(nested), nested
     assert len(nested) == len(set(nested)), f"duplicate nested runs: {nested}"
     states = task_states(p, "transfer_pipeline")[-1]
     assert set(states.values()) == {"success"} and "register" in states, states
-    # the `register` task registered the model once; the evaluate stage did not (PIPELINE_REGISTER=off)
+    # the `register` task registered the model once; the export stage did not (PIPELINE_REGISTER=off)
     registered = [r for r in found if r["tags"].get("role") == "register"]
     assert [r["tags"]["pipeline_run_id"] for r in registered] == [parent["tags"]["pipeline_run_id"]]
     assert len(mlflow_runs(p.mlflow_uri)["versions"]) == 1
+
+
+def test_score_dag_end_to_end(airflow_project, tmp_path):
+    """After the pipeline DAG registered version 1 (the champion): a run scores the folder's images and lists the
+    corrupt one; a version 2 is registered but the alias moved back to 1; a second run scores only the new files,
+    with version 1."""
+    p = airflow_project
+    inbox = make_folder(tmp_path / "inbox", per_class=2, seed=5)
+    (inbox / "dogs" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    dag = [BIN / "airflow", "dags", "test", "score_new_images", "-f", p.root / "dags" / "score_dag.py",
+           "-c", json.dumps({"folder": str(inbox)})]
+    run(dag, p.env, p.root, timeout=600)
+    table = p.root / "data" / "scored" / "predictions.csv"
+    first = pd.read_csv(table)
+    assert len(first) == 4 and set(first["model_version"]) == {1}
+    assert pd.read_csv(p.root / "data" / "scored" / "skipped.csv")["file"].tolist() == ["dogs/corrupt.png"]
+
+    alias = ("import mlflow, sys; c = mlflow.MlflowClient(sys.argv[1]); "
+             "c.set_registered_model_alias('image-classifier', 'champion', '1')")
+    run([p.root / ".venv" / "bin" / "python", "-m", "pipeline.registry", "register"],
+        {**p.env, "MLFLOW_TRACKING_URI": p.mlflow_uri}, p.root)  # version 2, now the champion ...
+    run([sys.executable, "-c", alias, p.mlflow_uri], p.env, p.root)  # ... until a person moves it back
+    shutil.copy2(next((inbox / "cats").glob("*.png")), inbox / "cats" / "arrived_later.png")  # same bytes: seen
+    make_image(inbox / "cats" / "really_new.png", 0, np.random.default_rng(9))
+    run(dag, p.env, p.root, timeout=600)
+    second = pd.read_csv(table)
+    assert len(second) == 5 and second["file"].iloc[-1] == "cats/really_new.png"
+    assert second["model_version"].iloc[-1] == 1 and len(mlflow_runs(p.mlflow_uri)["versions"]) == 2
+    assert [set(s.values()) for s in task_states(p, "score_new_images")] == [{"success"}, {"success"}]
 
 
 def task_states(p, dag_id: str) -> list[dict[str, str]]:
@@ -323,7 +361,7 @@ def task_states(p, dag_id: str) -> list[dict[str, str]]:
     out = []
     for r in sorted(cli("dags", "list-runs", dag_id), key=lambda r: r["start_date"] or ""):
         rows = cli("tasks", "states-for-dag-run", dag_id, r["run_id"])
-        out.append({row["task_id"] + ("" if str(row["map_index"]) in ("", "-1") else f"@{row['map_index']}"):
+        out.append({row["task_id"] + ("" if str(row.get("map_index", "")) in ("", "-1") else f"@{row['map_index']}"):
                     row["state"] for row in rows})
     return out
 

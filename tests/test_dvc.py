@@ -54,7 +54,7 @@ def test_repro_then_noop_then_one_param(repo):
     dest, env, _ = repo
     first = sh("dvc repro", dest, env)
     all_stages = {"sources", "split", "validate", "cache", "extract", "near_copies", *CV, "label_issues",
-                  "learning_curve", "head", "finetune@head", *MEMBERS, "ensemble", "evaluate"}
+                  "learning_curve", "head", "finetune@head", *MEMBERS, "ensemble", "evaluate", "export"}
     assert ran(first) == all_stages
     report = json.loads((dest / "metrics/evaluate.json").read_text())
     assert report["models"]["head"]["test"]["n"] == 4  # 10 per class: 5 train, 3 val, 2 test
@@ -63,7 +63,8 @@ def test_repro_then_noop_then_one_param(repo):
     assert ran(second) == {"sources"}  # it lists the data folder on every repro; nothing changed, nothing follows
     sh("git add -A && git -c user.name=t -c user.email=t@t commit -qm repro", dest, env)
     exp = sh("dvc exp run -S finetune.learning_rate=0.001", dest, env)
-    assert ran(exp) == {"sources", "finetune@head", "evaluate"}  # nothing upstream of fine-tuning reruns
+    # nothing upstream of fine-tuning reruns; export follows evaluate's report
+    assert ran(exp) == {"sources", "finetune@head", "evaluate", "export"}
     shown = json.loads(sh("dvc exp show --json", dest, env))
     tried = [e["data"]["params"]["params.yaml"]["data"]["finetune"]["learning_rate"]
              for row in shown for run in (row.get("experiments") or []) for e in run["revs"]]
@@ -71,7 +72,7 @@ def test_repro_then_noop_then_one_param(repo):
     assert "metrics/evaluate.json" in sh("dvc metrics diff --all HEAD", dest, env)
     member = sh("dvc exp run -S 'bagging.members=[1,2]'", dest, env)
     # one more candidate member: its folds, and the choice of how many join the head
-    assert ran(member) == {"sources", "bagging@2-0", "bagging@2-1", "ensemble", "evaluate"}
+    assert ran(member) == {"sources", "bagging@2-0", "bagging@2-1", "ensemble", "evaluate", "export"}
     # MLflow's compare view: one parent per pipeline run, every param under its flattened key, the headline figures
     runs = {(r.data.params["finetune.learning_rate"], r.data.params["bagging.members"]): r
             for r in parent_runs(env["MLFLOW_TRACKING_URI"])}

@@ -87,11 +87,31 @@ def test_run_id_defaults_to_the_params(trained_copy, monkeypatch):
 
 
 def test_gate_refuses_missing_and_nan_metrics():
-    gate = params.Gate(min_accuracy=0.5, min_roc_auc=0.5)
-    assert registry.gate_failures({"accuracy": 0.9, "roc_auc": 0.9}, gate) == []
-    assert registry.gate_failures({"accuracy": 0.9, "roc_auc": float("nan")}, gate) == ["roc_auc is nan"]
-    assert registry.gate_failures({"accuracy": 0.9}, gate) == ["roc_auc is missing"]
-    assert registry.gate_failures({"accuracy": 0.4, "roc_auc": 0.9}, gate) == ["accuracy 0.4000 < 0.5"]
+    gate = params.Gate(min_adjusted_balanced_accuracy=0.5, min_roc_auc=0.5)
+    good = {"adjusted_balanced_accuracy": 0.9, "roc_auc": 0.9}
+    assert registry.gate_failures(good, gate) == []
+    assert registry.gate_failures({**good, "roc_auc": float("nan")}, gate) == ["roc_auc is nan"]
+    assert registry.gate_failures({"adjusted_balanced_accuracy": 0.9}, gate) == ["roc_auc is missing"]
+    assert registry.gate_failures({**good, "adjusted_balanced_accuracy": 0.4}, gate) == \
+        ["adjusted_balanced_accuracy 0.4000 < 0.5"]
+
+
+def test_the_imbalance_aware_figures_do_not_reward_the_majority_class():
+    """On 90 % of one class, calling everything that class has accuracy 0.9 but balanced accuracy 1/2 and adjusted
+    balanced accuracy 0: the selection rule, the gate and the registry's comparison read those."""
+    from pipeline import evaluate, selection
+
+    y = np.array([0] * 90 + [1] * 10)
+    majority = np.full(100, 0.1)  # P(class 1): everything called class 0
+    fair = np.where(y == 1, 0.7, 0.3)
+    fair[:15] = 0.7  # 15 of the majority wrong, every rare row right
+    scores = {"majority": evaluate.score(y, majority, 0.5), "fair": evaluate.score(y, fair, 0.5)}
+    assert scores["majority"]["accuracy"] == 0.9 > scores["fair"]["accuracy"] == 0.85
+    assert scores["majority"]["balanced_accuracy"] == 0.5 and scores["majority"]["adjusted_balanced_accuracy"] == 0.0
+    assert registry.gate_failures({**scores["majority"], "roc_auc": 0.9}, params.Gate()) != []
+    folds = np.arange(100) % 5
+    by_fold = {n: selection.fold_scores(y, p, folds) for n, p in (("majority", majority), ("fair", fair))}
+    assert selection.one_standard_error(by_fold, ["majority", "fair"]) == "fair"
 
 
 def invert(name: str = "head") -> None:
@@ -112,7 +132,7 @@ def test_registry_gate_and_retrain_comparison_on_new_data(trained_copy, tmp_path
     good = tmp_path / "good"
     shutil.copytree(paths.MODELS, good)
     invert()
-    run_stages("evaluate")  # registers the (inverted, poor) model: nothing registered yet
+    run_stages("evaluate", "export")  # registers the (inverted, poor) model: nothing registered yet
     use_store()
     assert sorted(str(v.version) for v in registered()) == ["1"]
     version = registered()[0]
@@ -129,15 +149,22 @@ def test_registry_gate_and_retrain_comparison_on_new_data(trained_copy, tmp_path
     assert message.startswith("registered head") and sorted(str(v.version) for v in registered()) == ["1", "2"], message
     invert()  # a worse model than version 2 on the same current test split
     message = registry.register(if_better=True)
-    assert message.startswith("not registered: version 2 scores"), message
+    assert message.startswith("not registered: the champion, version 2, scores"), message
     assert len(registered()) == 2
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("image-classifier", registry.CHAMPION).version) == "2"
+    # a champion trained on another split is not compared with: the worse model is registered and becomes champion
+    client.set_model_version_tag("image-classifier", "2", "lineage.split_sha256", "another-split")
+    message = registry.register(if_better=True)
+    assert message.startswith("registered head") and len(registered()) == 3, message
+    assert str(client.get_model_version_by_alias("image-classifier", registry.CHAMPION).version) == "3"
 
     report = json.loads((paths.METRICS / "evaluate.json").read_text())
     report["models"]["head"]["cv"]["roc_auc"] = float("nan")  # the gate reads the out-of-fold figures
     io.write_json(paths.METRICS / "evaluate.json", report)
     message = registry.register()
     assert message.startswith("not registered: head fails evaluate.gate") and "roc_auc is nan" in message
-    assert len(registered()) == 2
+    assert len(registered()) == 3
 
 
 def test_tracking_can_be_switched_off(trained_copy, monkeypatch):

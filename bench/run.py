@@ -460,15 +460,19 @@ def bench_dvc() -> dict:
     return {**out, "repro_s": round(repro_s, 2), "repro_rc": rp.returncode, "stages_run": ran}
 
 
-def bench_exports(seconds: float) -> dict:
-    """Group 6: milliseconds per image (batch of one) of the delivered model in each exported format."""
+def bench_exports(project: Path, seconds: float) -> dict:
+    """Group 6: milliseconds per image (batch of one) of the delivered model in each exported format, in `project`
+    (after its pipeline ran)."""
     import tensorflow as tf
 
-    report = ROOT / paths.METRICS / "export.json"
-    if not report.exists():
-        return {"skipped": "no metrics/export.json: run the pipeline (`make run`) first"}
-    name = io.read_json(report)["model"]
-    with contextlib.chdir(ROOT):
+    report = project / paths.METRICS / "export.json"
+    name = io.read_json(report)["model"] if report.exists() else None
+    needed = [report, project / models.path(str(name)), project / paths.CACHE_DIR / "test_x.npy",
+              *(project / paths.EXPORTS / f"model_{k}.tflite" for k in ("float16", "int8"))]
+    if name is None or not all(p.exists() for p in needed):
+        missing = ", ".join(str(p.relative_to(project)) for p in needed if not p.exists())
+        return {"skipped": f"{missing} missing: run the pipeline (`make run`, or `dvc pull`) first"}
+    with contextlib.chdir(project):
         model, _ = models.load(name)
         x = np.asarray(io.load_npy(paths.CACHE_DIR / "test_x.npy")[:16])
         lite = {f"tflite_{k}_{t}t": models.load(str(paths.EXPORTS / f"model_{k}.tflite"), t)[0]
@@ -604,7 +608,7 @@ def measure(args, dev: device.Device, tmp: Path, results: dict) -> None:
     if "dvc" not in args.skip:
         results["dvc"] = bench_dvc()
     if "exports" not in args.skip:
-        results["exports"] = bench_exports(args.model_seconds)
+        results["exports"] = bench_exports(ROOT, args.model_seconds)
     results["stage_rss"] = (bench_stage_rss(tmp) if args.stage_rss else
                             {"skipped": "off by default (it reruns every stage): pass --stage-rss"})
 

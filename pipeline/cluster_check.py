@@ -49,7 +49,7 @@ CHECK_PARAMS = {
              "batch_size": 8, "learning_rate": 0.01},
     "bagging": {"members": [1], "backbones": []},
     "cv": {"folds": [0, 1]},
-    "evaluate": {"gate": {"min_adjusted_balanced_accuracy": 0.0, "min_roc_auc": 0.0}},
+    "evaluate": {"gate": {"min_adjusted_balanced_accuracy": -1.0, "min_roc_auc": 0.0}},
     "schedule": {"cron": None, "retries": 1, "retry_delay_seconds": 2, "gpu_slots": 2, "max_active_runs": 2},
 }
 # outputs of the project's own last run: not the snapshot's

@@ -49,16 +49,16 @@ def convert(saved_model: Path, kind: str, calibration: np.ndarray | None = None)
     return converter.convert()
 
 
-def export(name: str, out: Path, saved_model: Path, calibration: np.ndarray) -> dict[str, Path]:
-    """Write model `name` as a SavedModel to `saved_model`, and both TFLite files (with their JSON) as the folder
-    `out`, whole or not at all; {format: path}."""
-    model, meta = models.load(name)
+def export(model, meta: dict, out: Path, saved_model: Path, calibration: np.ndarray) -> dict[str, Path]:
+    """Write the model as a SavedModel to `saved_model`, and both TFLite files (with their JSON) as the folder `out`,
+    whole or not at all; {format: path}."""
     models.export_saved_model(model, saved_model)
     with io.atomic_dir(out) as tmp:
         for fmt in ("tflite_float16", "tflite_int8"):
             file = tmp / FILES[fmt]
             file.write_bytes(convert(saved_model, fmt.removeprefix("tflite_"), calibration))
-            io.write_json(file.with_suffix(".json"), {**meta, "format": fmt, "exported_from": f"{name}{models.SUFFIX}"})
+            io.write_json(file.with_suffix(".json"), {**meta, "format": fmt,
+                                                      "exported_from": f"{meta['name']}{models.SUFFIX}"})
     return {"saved_model": saved_model, **{f: out / FILES[f] for f in FILES if f != "saved_model"}}
 
 
@@ -77,16 +77,21 @@ def parity(reference: np.ndarray, prob: np.ndarray, y: np.ndarray, threshold: fl
     pred = models.labels(prob, threshold)
     return {"accuracy": float((pred == y).mean()), "balanced_accuracy": selection.balanced_accuracy(y, pred),
             "agreement": float((pred == models.labels(reference, threshold)).mean()),
-            "max_abs_probability_difference": float(np.abs(prob - reference).max()), "n": int(len(y))}
+            "max_abs_probability_difference": round(float(np.abs(prob - reference).max()), 6), "n": int(len(y))}
 
 
-def score(name: str, files: dict[str, Path], threads: int) -> dict:
+def size(path: Path) -> int:
+    """Bytes of a file, or of a SavedModel folder without `fingerprint.pb` (hashes of the rest, whose encoded length
+    changes from export to export)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "fingerprint.pb")
+
+
+def score(model, meta: dict, files: dict[str, Path], threads: int) -> dict:
     """{format: {"bytes", "val": figures, "test": figures}} for the Keras model and each exported file."""
-    model, meta = models.load(name)
     t = models.threshold_of(meta)
-    sizes = {"keras": models.path(name).stat().st_size,
-             **{f: sum(p.stat().st_size for p in ([file] if file.is_file() else file.rglob("*")) if p.is_file())
-                for f, file in files.items()}}
+    sizes = {"keras": size(models.path(meta["name"])), **{f: size(file) for f, file in files.items()}}
     result = {f: {"bytes": int(sizes[f])} for f in FORMATS}
     for split in ("val", "test"):
         x, y = io.load_pair(paths.CACHE_DIR / split)
@@ -107,9 +112,10 @@ def main(argv=None) -> int:
     name = io.read_json(paths.METRICS / "evaluate.json")["selected"]
     with tracking.stage_run("export", {"model": name, **prm.export.model_dump()}) as run, \
             tempfile.TemporaryDirectory() as tmp:
-        files = export(name, paths.EXPORTS, Path(tmp) / "saved_model",
+        model, meta = models.load(name)
+        files = export(model, meta, paths.EXPORTS, Path(tmp) / "saved_model",
                        images.sample(paths.CACHE_DIR, "train", prm.export.calibration_images, prm.seed))
-        result = {"model": name, "formats": score(name, files, prm.export.threads)}
+        result = {"model": name, "formats": score(model, meta, files, prm.export.threads)}
         io.write_json(paths.METRICS / "export.json", result)
         if run:
             run.log_metrics({f"{fmt}_{split}_{k}": v for fmt, r in result["formats"].items() for split in ("val", "test")

@@ -213,7 +213,8 @@ class Export(Section):
 
 class Gate(Section):
     # Figures that mean the same for any number of classes and any class shares (pipeline.selection):
-    min_adjusted_balanced_accuracy: float = Field(0.4, ge=0, le=1)  # balanced accuracy rescaled: chance 0, perfect 1
+    # balanced accuracy rescaled: chance 0, perfect 1 (below chance is negative: -1 lets every model through)
+    min_adjusted_balanced_accuracy: float = Field(0.4, ge=-1, le=1)
     min_roc_auc: float = Field(0.85, ge=0, le=1)  # macro one-vs-rest for more than two classes
 
 

@@ -2,12 +2,16 @@
 the Keras model; `predict` runs a .tflite file; the registry logs them with the version and moves `champion`."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import export, io, manifest, models, params, paths, predict, registry
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is not an installed package
+
+from bench import run  # noqa: E402
+from pipeline import export, io, manifest, models, params, paths, predict, registry  # noqa: E402
 
 
 def test_exports_load_and_agree_with_the_keras_model(trained_copy, tmp_path):
@@ -17,7 +21,7 @@ def test_exports_load_and_agree_with_the_keras_model(trained_copy, tmp_path):
     from conftest import run_stages, set_params
 
     set_params({"evaluate": {"models": ["head"]}})
-    run_stages("evaluate", "export")  # the gate is 0: export registers the head, with its exports
+    run_stages("evaluate", "export")  # the gate is open: export registers the head, with its exports
 
     report = io.read_json(paths.METRICS / "export.json")
     assert report["model"] == "head" and set(report["formats"]) == set(export.FORMATS)
@@ -62,3 +66,9 @@ def test_exports_load_and_agree_with_the_keras_model(trained_copy, tmp_path):
     logged = {Path(a.path).name for a in client.list_artifacts(version.run_id, "tflite")}
     assert {"model_float16.tflite", "model_int8.tflite", "model_int8.json", "export.json"} <= logged
     assert client.get_run(version.run_id).data.metrics["export_tflite_int8_test_agreement"] >= 0.95
+
+    # the benchmark's latency group measures every format of this project (numbers, not speeds, are asserted)
+    bench = run.bench_exports(Path.cwd(), seconds=0.2)
+    assert bench["model"] == "head" and set(bench["bytes"]) == set(export.FORMATS)
+    assert {"keras", "saved_model", "tflite_float16_1t", "tflite_int8_1t"} <= set(bench["ms_per_image"])
+    assert all(ms and ms > 0 for ms in bench["ms_per_image"].values()), bench

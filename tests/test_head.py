@@ -137,7 +137,7 @@ def test_refit_trains_on_train_and_val_rows_only_and_is_the_registered_file(trai
     np.testing.assert_allclose(mean, heads.feature_stats(x)[0], rtol=1e-5)
     with_test = np.concatenate([x, features.load_features("test")[0]])
     assert not np.allclose(mean, heads.feature_stats(with_test)[0], rtol=1e-5)
-    run_stages("evaluate", "export")  # registers the delivered model (the gate is 0 here)
+    run_stages("evaluate", "export")  # registers the delivered model (the gate is open here)
     version = mlflow.MlflowClient().search_model_versions("name = 'image-classifier'")[0]
     logged = Path(mlflow.artifacts.download_artifacts(f"models:/image-classifier/{version.version}"))
     assert [f.read_bytes() for f in logged.rglob("*.keras")] == [models.path("head").read_bytes()]

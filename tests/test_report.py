@@ -86,7 +86,7 @@ def test_evaluate_writes_a_page_that_renders_offline(trained_copy):
     assert seen["title"] == "transfer-pipeline report"
     assert [u for u in seen["requests"] if not u.startswith(("file://", "data:"))] == []  # nothing leaves
     assert len(seen["images"]) == 7 and all(done and width > 0 for done, width in seen["images"]), seen["images"]
-    for words in ("Delivered:", "Training curves: diagnosis", "cv/", "/fold_0", "CV accuracy", "error gallery",
+    for words in ("Delivered:", "Training curves: diagnosis", "cv/", "/fold_0", "CV balanced accuracy", "error gallery",
                   "Grad-CAM"):
         assert words in seen["text"], words
     assert shot.stat().st_size > 50_000

@@ -234,8 +234,8 @@ def stage_tasks(root: Path = PROJECT, params: dict | None = None) -> tuple[list,
 
 
 def register_task(root: Path = PROJECT):
-    """The `register` task: the selected model into the registry if it passes the gate and beats the registered
-    version on the current test split (`python -m pipeline.registry register --if-better`; succeeds either way),
+    """The `register` task: the selected model into the registry if it passes the gate and beats the `champion`
+    on the current test split (`python -m pipeline.registry register --if-better`; succeeds either way),
     run where the export stage's outputs are (`pipeline.workspace exec`), after the last stage."""
     from airflow.sdk import task
 

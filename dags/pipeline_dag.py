@@ -6,7 +6,7 @@ in a second); Airflow owns ordering, retries and the schedule. Tasks hand each o
 dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
 
 - Order: the dvc.yaml graph: split -> validate -> cache -> extract -> cv (every head design x fold) -> choose ->
-  head (the refit) and bagging (every member x fold) -> ensemble -> evaluate, with (opt-in, `finetune.start_from:
+  head (the refit) and bagging (every member x fold) -> ensemble -> evaluate -> export, with (opt-in, `finetune.start_from:
   [head]`) finetune after head. cv, bagging and finetune are mapped tasks, one per instance DVC has (`head.designs`
   x `cv.folds`, `bagging.members` x `cv.folds`, `finetune.start_from`; a stage whose list is empty has no task, as
   DVC has no stage).
@@ -22,7 +22,8 @@ dvc.yaml declares; each task's XCom is the list of paths its stage wrote.
   each Celery worker builds the run's commit (the first task, `commit`) in a clone of its own, and the stages'
   outputs travel through the DVC remote; runs may then overlap (`schedule.max_active_runs`).
 - Registry: the last task, `register`, registers the model cross-validation chose if it passes
-  `evaluate.gate` and beats the registered version on the current test split.
+  `evaluate.gate` and beats the `champion` (trained on the same split) on the current test split, and moves the
+  alias `champion` to it.
 - MLflow: every task gets `PIPELINE_RUN_ID` = the Airflow run id, so the run's stages become nested runs of one
   parent run, and a retried task adds a nested run (the failed try stays, marked FAILED). `MLFLOW_TRACKING_URI`, when set in the Airflow
   worker's environment, reaches the stages too; otherwise they use params.yaml `tracking.uri`.

@@ -7,9 +7,10 @@
    every task after it is skipped, whatever its trigger rule.
 2. The pipeline, the same tasks as `transfer_pipeline`. The `sources` stage lists the data folder on every run, so
    split and what follows rerun exactly where the new data changed their inputs.
-3. `register`: `python -m pipeline.registry register --if-better` loads the registered version from the MLflow
+3. `register`: `python -m pipeline.registry register --if-better` loads the `champion` version from the MLflow
    registry and scores it and this run's selected model on the same images (the current test split); this run's
-   model is registered only if it scores better (the task succeeds either way).
+   model is registered, and becomes the champion, only if its balanced accuracy is better or the champion was
+   trained on another split (the task succeeds either way).
 4. `record_hash`: writes the hash to `data/source_hash.txt` (atomically), so the same data is not retrained on.
 
 Stage tasks and `register` run through `pipeline.workspace`, as in `transfer_pipeline`: under the working tree's

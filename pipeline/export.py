@@ -62,11 +62,10 @@ def export(model, meta: dict, out: Path, saved_model: Path, calibration: np.ndar
     return {"saved_model": saved_model, **{f: out / FILES[f] for f in FILES if f != "saved_model"}}
 
 
-def saved_model_predict(directory: Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Probabilities of a SavedModel's `serve` endpoint, as `models.predict` gives them."""
+def saved_model_predict(loaded, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Probabilities of a loaded SavedModel's `serve` endpoint, as `models.predict` gives them."""
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(directory))  # held: its endpoint needs the variables it owns
     prob = np.concatenate([loaded.serve(tf.constant(images[i:i + batch_size], tf.float32)).numpy()
                            for i in range(0, len(images), batch_size)]).astype(np.float64)
     return prob[:, 0] if prob.shape[1] == 1 else prob
@@ -90,17 +89,20 @@ def size(path: Path) -> int:
 
 def score(model, meta: dict, files: dict[str, Path], threads: int) -> dict:
     """{format: {"bytes", "val": figures, "test": figures}} for the Keras model and each exported file."""
+    import tensorflow as tf
+
     t = models.threshold_of(meta)
+    saved = tf.saved_model.load(str(files["saved_model"]))  # held: its endpoint needs the variables it owns
+    lite = {fmt: models.load(str(files[fmt]), threads)[0] for fmt in ("tflite_float16", "tflite_int8")}
     sizes = {"keras": size(models.path(meta["name"])), **{f: size(file) for f, file in files.items()}}
     result = {f: {"bytes": int(sizes[f])} for f in FORMATS}
     for split in ("val", "test"):
         x, y = io.load_pair(paths.CACHE_DIR / split)
         x = np.asarray(x)
         reference = models.predict(model, x)
-        probs = {"keras": reference, "saved_model": saved_model_predict(files["saved_model"], x)}
-        for fmt in ("tflite_float16", "tflite_int8"):
-            lite, _ = models.load(str(files[fmt]), threads)
-            probs[fmt] = np.concatenate([models.predict(lite, x[i:i + 32]) for i in
+        probs = {"keras": reference, "saved_model": saved_model_predict(saved, x)}
+        for fmt, interpreter in lite.items():
+            probs[fmt] = np.concatenate([models.predict(interpreter, x[i:i + 32]) for i in
                                          tqdm(range(0, len(x), 32), desc=f"export: {fmt} on {split}", unit="batch")])
         for fmt, prob in probs.items():
             result[fmt][split] = parity(reference, prob, y, t)

@@ -50,14 +50,9 @@ def current_test_split():
 
 def _balanced_accuracy(table, truth) -> float:
     """Mean per-class recall of a prediction table (`label` column) against the true class names."""
-    from sklearn.metrics import balanced_accuracy_score
+    from pipeline import selection
 
-    return float(balanced_accuracy_score(truth, table["label"].to_numpy().astype(object)))
-
-
-def latest_version(client, name: str):
-    versions = client.search_model_versions(f"name = '{name}'")
-    return max(versions, key=lambda v: int(v.version)) if versions else None
+    return selection.balanced_accuracy(truth, table["label"].to_numpy().astype(object))
 
 
 def champion(client, name: str):

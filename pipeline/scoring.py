@@ -29,29 +29,24 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import io, params, paths, tracking
+from pipeline import inventory, io, params, paths, tracking
 from pipeline.inventory import IMAGE_EXTENSIONS
 
 PREDICTIONS = paths.SCORED / "predictions.csv"
 SKIPPED = paths.SCORED / "skipped.csv"
-
-
-def champion_uri(prm: params.Params) -> str:
-    from pipeline import registry
-
-    return f"models:/{prm.tracking.register_as}@{registry.CHAMPION}"
+HASH_MEMO = paths.SCORED / ".hashes.json"  # (size, mtime) -> sha256 of the files seen: an unchanged file is not reread
 
 
 def new_files(folder: Path) -> list[tuple[Path, str]]:
-    """(file, sha256) of the images under `folder` whose content was neither scored nor skipped before."""
+    """(file, sha256) of the images under `folder` (symlinks leading out of it not followed) whose content was
+    neither scored nor skipped before."""
     seen = set()
     for table in (PREDICTIONS, SKIPPED):
         if table.exists():
             seen |= set(pd.read_csv(table, usecols=["sha256"])["sha256"])
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                   and not f.name.startswith("."))
-    hashed = [(f, io.sha256_file(f)) for f in files]
-    return [(f, h) for f, h in hashed if h not in seen]
+    rows = inventory.listing(folder, content=True, memo=HASH_MEMO, root=folder)
+    return [(folder / r["path"], r["state"]) for r in rows if Path(r["path"]).suffix.lower() in IMAGE_EXTENSIONS
+            and r["state"] not in (inventory.OUTSIDE_ROOT, "missing") and r["state"] not in seen]
 
 
 def decode(files: list[tuple[Path, str]], size: int) -> tuple[list[tuple[Path, str]], np.ndarray, list[dict]]:

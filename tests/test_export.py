@@ -37,12 +37,16 @@ def test_exports_load_and_agree_with_the_keras_model(trained_copy, tmp_path):
     # the files themselves: the .tflite files with their JSON, through `predict` as any model file
     x, y = io.load_pair(paths.CACHE_DIR / "test")
     keras_prob = models.predict(models.load("head")[0], np.asarray(x))
+    threshold, lite_probs = models.threshold_of(models.read_meta("head")), {}
     for fmt in ("tflite_float16", "tflite_int8"):
         file = paths.EXPORTS / export.FILES[fmt]
         assert io.read_json(file.with_suffix(".json"))["classes"] == models.read_meta("head")["classes"]
         lite, _ = models.load(str(file))
-        prob = models.predict(lite, np.asarray(x))
-        assert prob.shape == keras_prob.shape and np.isfinite(prob).all()
+        prob = lite_probs[fmt] = models.predict(lite, np.asarray(x))
+        assert prob.shape == keras_prob.shape
+        same = (models.labels(prob, threshold) == models.labels(keras_prob, threshold)).mean()
+        assert same == report["formats"][fmt]["test"]["agreement"]  # the stage's figure is this file's
+    np.testing.assert_allclose(lite_probs["tflite_float16"], keras_prob, atol=1e-3)
     folder = tmp_path / "imgs"
     index = pd.read_csv(paths.CACHE_DIR / "index.csv")
     root = manifest.root_of(params.load().data)

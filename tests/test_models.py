@@ -141,7 +141,7 @@ def _hostile_requests_get_400s(port: int, good: str, tmp_path: Path) -> None:
 def test_predict_cli_registry_pyfunc_and_rest_server_agree(all_models, tmp_path):
     import mlflow
 
-    from pipeline import registry, serving
+    from pipeline import serving
 
     images = Path(params.load().data.path)
     files = sorted((images / "cats").glob("*.png"))[:3] + sorted((images / "dogs").glob("*.png"))[:3]
@@ -152,8 +152,8 @@ def test_predict_cli_registry_pyfunc_and_rest_server_agree(all_models, tmp_path)
     for name in NAMES:
         cli = predict.predict(models.path(name), [str(f) for f in files])
         with mlflow.start_run(run_name=f"round trip {name}"):
-            serving.log_model(mlflow, models.path(name), registered_model_name=f"round-trip-{name}")
-        version = registry.latest_version(mlflow.MlflowClient(), f"round-trip-{name}").version
+            logged = serving.log_model(mlflow, models.path(name), registered_model_name=f"round-trip-{name}")
+        version = logged.registered_model_version
         loaded = mlflow.pyfunc.load_model(f"models:/round-trip-{name}/{version}")
         by_path = loaded.predict(pd.DataFrame({"path": [str(f) for f in files]}))
         encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
